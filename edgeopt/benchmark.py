@@ -1,0 +1,112 @@
+"""The latency protocol, close to OpenVINO's benchmark_app, for every runtime alike.
+
+- the first inference is timed and reported apart (it includes lazy initialisation);
+- ``warmup`` untimed inferences follow;
+- ``iterations`` timed inferences are taken in interleaved rounds across all models, so that a
+  slow drift of the machine (another job, frequency scaling) hits every model alike;
+- median, p95, p99, mean and std in milliseconds, at a fixed batch and thread count;
+- every number carries the fingerprint of the CPU and runtimes it was measured on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimddp")
+
+
+@dataclass
+class Latency:
+    first_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    iterations: int
+
+    def as_dict(self) -> Dict[str, float]:
+        return dict(self.__dict__)
+
+
+def cpu_fingerprint() -> Dict[str, object]:
+    """CPU model, core count, ISA flags that matter for INT8/BF16, runtime versions, and a short id."""
+    import onnxruntime
+    import openvino
+    import torch
+
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = val.strip()
+                elif key in ("flags", "Features"):
+                    flags = set(val.split())
+                    break
+    except OSError:
+        pass
+    fp = {
+        "cpu": model,
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "isa": sorted(f for f in ISA_FLAGS if f in flags),
+        "onnxruntime": onnxruntime.__version__,
+        "openvino": openvino.get_version().split("-")[0],
+        "torch": torch.__version__,
+    }
+    fp["id"] = hashlib.sha256(repr(sorted(fp.items())).encode()).hexdigest()[:12]
+    return fp
+
+
+def int8_warning(fingerprint: Dict[str, object]) -> str | None:
+    """Why INT8 may not pay on this CPU, or None when it has the dot-product instructions."""
+    isa = set(fingerprint.get("isa", []))
+    if isa & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}:
+        return None
+    return (
+        f"CPU {fingerprint.get('cpu')} has no VNNI/AMX (x86) or dot-product (ARM) instructions: "
+        "INT8 kernels gain little or nothing over FP32 here (expect ~1.0-1.8x, sometimes a slowdown)"
+    )
+
+
+def _summary(first: float, samples: List[float]) -> Latency:
+    a = np.asarray(samples) * 1e3
+    return Latency(
+        first_ms=first * 1e3,
+        p50_ms=float(np.percentile(a, 50)),
+        p95_ms=float(np.percentile(a, 95)),
+        p99_ms=float(np.percentile(a, 99)),
+        mean_ms=float(a.mean()),
+        std_ms=float(a.std()),
+        iterations=len(a),
+    )
+
+
+def measure(predictors: Dict[str, object], x: np.ndarray, warmup: int = 20, iterations: int = 200, rounds: int = 5) -> Dict[str, Latency]:
+    """Latency of each predictor on the same input ``x``, interleaved over ``rounds``."""
+    first, samples = {}, {k: [] for k in predictors}
+    for name, p in predictors.items():
+        t = time.perf_counter()
+        p(x)
+        first[name] = time.perf_counter() - t
+        for _ in range(warmup):
+            p(x)
+    per_round = max(1, iterations // rounds)
+    for _ in range(rounds):
+        for name, p in predictors.items():
+            s = samples[name]
+            for _ in range(per_round):
+                t = time.perf_counter()
+                p(x)
+                s.append(time.perf_counter() - t)
+    return {k: _summary(first[k], samples[k]) for k in predictors}

@@ -1,0 +1,153 @@
+"""Architectures by name, and safe checkpoints.
+
+``ARCHITECTURES`` maps a config name to a builder ``(num_classes, in_channels, width) -> nn.Module``:
+two small CNNs sized for small inputs (the embedded default) and torchvision's classifiers, built
+with random weights (nothing is downloaded). Checkpoints are state dicts loaded with
+``weights_only=True``; a pruned model's reduced layer shapes are read back from the weights' own
+shapes, so a pruned student reloads into its named architecture without any pickled code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+import torch
+from torch import nn
+
+from edgeopt.artifacts import Checkpoint, new_workdir
+from edgeopt.config import ARCHITECTURE_NAMES
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+def small_cnn(num_classes: int, in_channels: int, width: int) -> nn.Module:
+    """Three conv-BN-ReLU blocks (widths w, 2w, 2w; two stride-2) + global pool + linear."""
+    return nn.Sequential(
+        _conv_bn(in_channels, width),
+        _conv_bn(width, 2 * width, stride=2),
+        _conv_bn(2 * width, 2 * width, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * width, num_classes),
+    )
+
+
+class BasicBlock(nn.Module):
+    """The ResNet basic block (two 3x3 conv-BN, identity or projected shortcut)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNetSmall(nn.Module):
+    """A narrow ResNet for small inputs: stride-1 stem, no max-pool, 3 stages of 2 BasicBlocks."""
+
+    def __init__(self, num_classes: int, in_channels: int, width: int):
+        super().__init__()
+        self.stem = _conv_bn(in_channels, width)
+        stages, cin = [], width
+        for i, cout in enumerate((width, 2 * width, 4 * width)):
+            stride = 1 if i == 0 else 2
+            down = None
+            if stride != 1 or cin != cout:
+                down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            stages += [BasicBlock(cin, cout, stride, down), BasicBlock(cout, cout)]
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
+
+
+def _torchvision(name: str) -> Callable[[int, int, int], nn.Module]:
+    def build(num_classes: int, in_channels: int, width: int) -> nn.Module:
+        import torchvision
+
+        if in_channels != 3:
+            raise ValueError(f"{name} expects 3 input channels, the data has {in_channels} (set data.grayscale: false)")
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+
+    build.__doc__ = f"torchvision.models.{name} (random init; width is ignored)"
+    return build
+
+
+ARCHITECTURES: Dict[str, Callable[[int, int, int], nn.Module]] = {
+    "small_cnn": small_cnn,
+    "resnet_small": ResNetSmall,
+    **{n: _torchvision(n) for n in ARCHITECTURE_NAMES[2:]},
+}
+
+
+def build_model(arch: str, num_classes: int, in_channels: int, width: int) -> nn.Module:
+    return ARCHITECTURES[arch](num_classes, in_channels, width)
+
+
+def count_macs_params(model: nn.Module, input_shape) -> tuple[int, int]:
+    """(MACs, parameters) of one forward pass at batch 1."""
+    import torch_pruning as tp
+
+    model.eval()
+    macs, params = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
+    return int(macs), int(params)
+
+
+def save_checkpoint(model: nn.Module, *, role: str, arch: Dict[str, Any], input_shape, info: Dict[str, Any]) -> Checkpoint:
+    """Write a Checkpoint folder: ``weights.pt`` (a plain state dict) + the manifest."""
+    out = new_workdir(role)
+    model.eval()
+    torch.save(model.state_dict(), out / "weights.pt")
+    macs, params = count_macs_params(model, input_shape)
+    return Checkpoint.write(
+        out, {"role": role, "arch": arch, "input_shape": list(input_shape), "macs": macs, "params": params, **info}
+    )
+
+
+def load_checkpoint(ckpt: Checkpoint | Path) -> nn.Module:
+    """Rebuild the architecture and load the weights (``weights_only=True``: no code is unpickled)."""
+    ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint(ckpt)
+    a = ckpt.manifest["arch"]
+    model = build_model(a["name"], a["num_classes"], a["in_channels"], a["width"])
+    state = torch.load(ckpt.path / "weights.pt", map_location="cpu", weights_only=True)
+    _reshape_to(model, state)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _reshape_to(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Resize Conv2d/Linear/BatchNorm layers to the shapes in ``state`` (undoes structured pruning)."""
+    for name, m in model.named_modules():
+        w = state.get(f"{name}.weight" if name else "weight")
+        if w is None or not isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) or w.shape == m.weight.shape:
+            continue
+        if isinstance(m, nn.Conv2d):
+            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            m.out_channels = w.shape[0]
+            m.groups = w.shape[0] if depthwise else m.groups
+            m.in_channels = w.shape[1] * m.groups
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = w.shape
+        else:
+            m.num_features = w.shape[0]
+            for buf in ("running_mean", "running_var"):
+                setattr(m, buf, torch.empty(w.shape))
+        m.weight = nn.Parameter(torch.empty(w.shape))
+        if getattr(m, "bias", None) is not None:
+            m.bias = nn.Parameter(torch.empty(w.shape[0]))

@@ -1,0 +1,127 @@
+"""What a person reads: the variants table, the selection report (Markdown) and the Pareto plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List
+
+from edgeopt.artifacts import FolderArtifact, new_workdir
+from edgeopt.evaluation import Evaluation
+from edgeopt.pareto import Selection
+
+STATUS_MARK = {"front": "front", "dominated": "dominated", "infeasible": "infeasible", "failed": "FAILED"}
+
+
+def variants_table(ev: Evaluation, sel: Selection) -> str:
+    """A fixed-width table, one row per variant, winner marked with '*'."""
+    head = f"{'':1} {'variant':34} {'acc %':>7} {'drop':>6} {'p50 ms':>8} {'p95 ms':>8} {'size kB':>9} {'x smaller':>9} {'x faster':>8}  verdict"
+    rows: List[str] = [head, "-" * len(head)]
+    for v in sel.verdicts:
+        r = ev.result(v.variant)
+        mark = "*" if v.variant == sel.winner else ""
+        if not r.ok:
+            rows.append(f"{mark:1} {v.variant:34} {'-':>7} {'-':>6} {'-':>8} {'-':>8} {'-':>9} {'-':>9} {'-':>8}  FAILED: {r.reason}")
+            continue
+        m = r.metrics
+        rows.append(
+            f"{mark:1} {v.variant:34} {100 * m['accuracy']:7.2f} {m['accuracy_drop']:6.2f} {m['latency_p50_ms']:8.3f} "
+            f"{m['latency_p95_ms']:8.3f} {m['size_mb'] * 1e3:9.1f} {m['compression_ratio']:9.1f} "
+            f"{m['speedup_vs_teacher']:8.1f}  {STATUS_MARK[v.status]}"
+            + (f" ({'; '.join(v.reasons)})" if v.status == "infeasible" else "")
+        )
+    t = ev.teacher
+    rows.append(
+        f"teacher (torch eager): acc {100 * t['accuracy']:.2f} %, p50 {t['latency_p50_ms']:.3f} ms, "
+        f"FP32 ONNX {t['onnx_size_mb'] * 1e3:.1f} kB"
+    )
+    return "\n".join(rows)
+
+
+def selection_report(ev: Evaluation, sel: Selection, run_name: str) -> str:
+    fp = ev.fingerprint
+    c = {k: v for k, v in sel.constraints.items() if v is not None}
+    lines = [
+        f"# Selection report: {run_name}",
+        "",
+        f"**Winner:** {sel.winner or 'none'}",
+        "",
+        f"**Why:** {sel.reason}.",
+        "",
+        f"**Rule:** drop every variant that violates a constraint ({', '.join(f'{k}={v}' for k, v in c.items()) or 'none'}), "
+        f"keep the Pareto front over (accuracy up, p50 latency down, size down), pick the best `{sel.objective}` on it.",
+        "",
+        f"**Measured on:** {fp['cpu']} ({fp['cores']} cores, ISA {', '.join(fp['isa']) or 'baseline'}), "
+        f"{ev.target['threads']} thread(s), batch {ev.target['batch']}, {ev.target['iterations']} iterations after "
+        f"{ev.target['warmup']} warm-up; onnxruntime {fp['onnxruntime']}, openvino {fp['openvino']}, torch {fp['torch']} "
+        f"(fingerprint {fp['id']}). All latencies below come from this one run.",
+        "",
+    ]
+    lines += [f"> warning: {w}" for w in ev.warnings] + ([""] if ev.warnings else [])
+    lines += ["```", variants_table(ev, sel), "```", "", "## Verdicts", ""]
+    lines += [f"- `{v.variant}`: {v.status}" + (f": {'; '.join(v.reasons)}" if v.reasons else "") for v in sel.verdicts]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(ev: Evaluation, sel: Selection, path: Path) -> Path:
+    """Accuracy vs p50 latency, marker area ~ size; front joined, winner starred, teacher marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    status = {v.variant: v.status for v in sel.verdicts}
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    style = {"front": ("tab:blue", 1.0), "dominated": ("tab:gray", 0.6), "infeasible": ("tab:red", 0.4)}
+    ok = [r for r in ev.results if r.ok]
+    max_size = max((r.metrics["size_mb"] for r in ok), default=1.0)
+    for st, (color, alpha) in style.items():
+        pts = [r for r in ok if status.get(r.variant) == st]
+        if pts:
+            ax.scatter([r.metrics["latency_p50_ms"] for r in pts], [100 * r.metrics["accuracy"] for r in pts],
+                       s=[40 + 400 * r.metrics["size_mb"] / max_size for r in pts], c=color, alpha=alpha,
+                       label=st, edgecolors="black", linewidths=0.5)
+    for r in ok:
+        ax.annotate(r.variant, (r.metrics["latency_p50_ms"], 100 * r.metrics["accuracy"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    front = sorted((r for r in ok if status.get(r.variant) == "front"), key=lambda r: r.metrics["latency_p50_ms"])
+    if len(front) > 1:
+        ax.plot([r.metrics["latency_p50_ms"] for r in front], [100 * r.metrics["accuracy"] for r in front],
+                "--", color="tab:blue", linewidth=1)
+    if sel.winner:
+        w = ev.result(sel.winner).metrics
+        ax.scatter([w["latency_p50_ms"]], [100 * w["accuracy"]], marker="*", s=400, c="gold",
+                   edgecolors="black", label=f"winner: {sel.winner}", zorder=5)
+    t = ev.teacher
+    ax.scatter([t["latency_p50_ms"]], [100 * t["accuracy"]], marker="D", c="black", label="teacher (torch eager)")
+    drop = sel.constraints.get("max_accuracy_drop")
+    if drop is not None:
+        ax.axhline(100 * t["accuracy"] - drop, color="tab:red", linestyle=":", linewidth=1, label=f"max drop {drop} pt")
+    lat = sel.constraints.get("max_latency_ms")
+    if lat is not None:
+        ax.axvline(lat, color="tab:red", linestyle="-.", linewidth=1, label=f"max p50 {lat} ms")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"p50 latency, ms (log; batch {ev.target['batch']}, {ev.target['threads']} thread(s))")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title("Variants: accuracy vs latency (marker area ~ model size)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class PlotImage(FolderArtifact):
+    """A rendered plot (PNG) as an artifact, so ZenML's dashboard can show it."""
+
+    KIND = "image"
+
+    @property
+    def png(self) -> Path:
+        return self.path / self.manifest["image"]
+
+
+def pareto_plot_artifact(ev: Evaluation, sel: Selection) -> PlotImage:
+    out = new_workdir("plot")
+    pareto_plot(ev, sel, out / "pareto.png")
+    return PlotImage.write(out, {"image": "pareto.png", "winner": sel.winner})

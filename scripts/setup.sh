@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates .venv inside the checkout and installs edgeopt with everything it needs.
+# Idempotent: re-running with an unchanged pyproject.toml does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.edgeopt-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "edgeopt: installing dependencies into .venv (first time: ~3-4 minutes, ~6.6 GB)" >&2
+  # (this machine's pip config names local wheel folders that may be absent: drop those warnings)
+  .venv/bin/python -m pip install --quiet --upgrade pip 2> >(grep -v "is ignored: it is neither" >&2)
+  .venv/bin/python -m pip install --quiet -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
+  .venv/bin/python -c "import edgeopt, zenml, mlflow, torch, torchvision, onnxruntime, openvino, nncf, torch_pruning"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,21 @@
+from typing import Annotated
+
+from zenml import step
+
+from edgeopt.artifacts import Checkpoint, Dataset
+from edgeopt.config import StudentConfig, TrainConfig
+from edgeopt.training import distill_student as _distill
+from edgeopt.training import train_teacher as _train
+from materializers import CheckpointMaterializer
+
+
+@step(output_materializers=CheckpointMaterializer)
+def train_teacher(dataset: Dataset, teacher: dict, seed: int) -> Annotated[Checkpoint, "teacher"]:
+    """Train the teacher from scratch (cached: a re-run with the same data and config reuses it)."""
+    return _train(dataset, TrainConfig.model_validate(teacher), seed)
+
+
+@step(output_materializers=CheckpointMaterializer)
+def distill_student(dataset: Dataset, teacher: Checkpoint, student: dict, seed: int) -> Annotated[Checkpoint, "student"]:
+    """Train the student with knowledge distillation from the teacher (cached)."""
+    return _distill(dataset, teacher, StudentConfig.model_validate(student), seed)

@@ -1,0 +1,85 @@
+"""End to end on the real local stack: ZenML (SQLite), MLflow (SQLite), ONNX Runtime, OpenVINO."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+from zenml.client import Client
+from zenml.enums import ExecutionStatus, ModelStages
+
+from edgeopt import deploy as dep
+from edgeopt.config import parse_config
+from pipelines.runner import run_pipeline
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_config):
+    return run_pipeline(tiny_config, run_name="tiny-first")
+
+
+def test_every_variant_is_built_and_measured(first_run, tiny_config):
+    ev = first_run["evaluation"]
+    names = {r.variant for r in ev.results}
+    expected = {f"p{p}-{s}-{f}@{rt}" for p, f, s, rt in
+                [(round(r * 100), f, s, rt) for r, f, s, rt in tiny_config.variants.combinations()]}
+    assert names == expected | {"teacher-fp32-onnx@onnxruntime", "teacher-fp32-onnx@openvino"}
+    assert all(r.ok for r in ev.results), [r.reason for r in ev.results if not r.ok]
+    assert ev.teacher["accuracy"] > 0.85
+    m = {r.variant: r.metrics for r in ev.results}
+    for rt in ("onnxruntime", "openvino"):
+        assert m[f"p0-int8-onnx@{rt}"]["size_mb"] < m[f"p0-fp32-onnx@{rt}"]["size_mb"]
+    assert m["p50-fp32-onnx@onnxruntime"]["macs"] < 0.5 * m["p0-fp32-onnx@onnxruntime"]["macs"]
+    assert m["p0-fp32-onnx@onnxruntime"]["size_mb"] < m["teacher-fp32-onnx@onnxruntime"]["size_mb"] / 5
+    assert all(r.runtime_settings["threads"] == 1 for r in ev.results)
+    assert ev.result("p0-fp32-openvino@openvino").runtime_settings["precision"] == "f32"
+
+
+def test_winner_is_registered_aliased_and_staged(first_run, tiny_config):
+    sel, promo = first_run["selection"], first_run["promotion"]
+    assert sel.winner and promo["promoted"] and promo["variant"] == sel.winner
+    client = MlflowClient(tiny_config.tracking_uri())
+    mv = client.get_model_version_by_alias(tiny_config.registry.name, "champion")
+    assert str(mv.version) == promo["version"] and mv.run_id == promo["run_id"]
+    winner_run = client.get_run(mv.run_id)
+    assert winner_run.info.run_name == sel.winner
+    assert winner_run.data.tags["pareto"] == "front" and winner_run.data.tags["winner"] == "true"
+    assert winner_run.data.tags["lineage.teacher"] and winner_run.data.tags["runtime"] == promo["runtime"]
+    parent = client.get_run(winner_run.data.tags["mlflow.parentRunId"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/pareto.png", "report/selection.md"} <= artifacts
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == len(first_run["evaluation"].results)
+    for key in ("accuracy", "accuracy_drop", "latency_p50_ms", "latency_p95_ms", "size_mb",
+                "compression_ratio", "speedup_vs_teacher"):
+        assert key in winner_run.data.metrics
+    zen = Client().get_model_version(tiny_config.registry.name, ModelStages.PRODUCTION)
+    assert zen.run_metadata["promotion"]["variant"] == sel.winner
+
+
+def test_deployed_bundle_matches_the_champion(first_run, tiny_config):
+    bundle = dep.current(tiny_config.deploy_root())
+    assert bundle is not None and str(bundle.path) == first_run["bundle"]
+    bundle.verify()
+    m = bundle.manifest
+    assert m["version"] == first_run["promotion"]["version"] and m["variant"].split("@")[0] in first_run["selection"].winner
+    assert (bundle.path / "labels.json").is_file() and (bundle.path / "runtime.json").is_file()
+    from edgeopt.runtimes import make_predictor
+    from edgeopt.data import load_dataset
+
+    x, y = load_dataset(tiny_config.data, 0).split("test")
+    pred = make_predictor(m["runtime"], bundle.model_file)
+    assert (pred.predict_batched(x).argmax(1) == y).mean() > 0.8
+
+
+def test_rerun_reuses_training_and_a_new_variant_list_does_not_retrain(first_run, tiny_raw):
+    again = run_pipeline(parse_config(tiny_raw), run_name="tiny-cached")
+    cached = set(again["cached_steps"])
+    assert {"train_teacher", "distill_student", "prune_p50", "export_p0_onnx", "quantize_p0_onnx_int8"} <= cached
+    assert {"evaluate", "track", "promote", "deploy"}.isdisjoint(cached)  # measured and recorded every run
+    fewer = {**tiny_raw, "variants": {**tiny_raw["variants"], "prune_ratios": [0.0], "formats": ["onnx"]}}
+    third = run_pipeline(parse_config(fewer), run_name="tiny-fewer")
+    assert {"train_teacher", "distill_student"} <= set(third["cached_steps"])
+    assert {r.variant for r in third["evaluation"].results} == {
+        "teacher-fp32-onnx@onnxruntime", "teacher-fp32-onnx@openvino", "p0-fp32-onnx@onnxruntime",
+        "p0-fp32-onnx@openvino", "p0-int8-onnx@onnxruntime", "p0-int8-onnx@openvino"}
+    run = Client().get_pipeline_run("tiny-fewer")
+    assert run.status == ExecutionStatus.COMPLETED
