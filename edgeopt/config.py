@@ -171,6 +171,20 @@ class SelectionConfig(_Strict):
     )
 
 
+class PromotionConfig(_Strict):
+    """When the run's winner may replace the current champion (re-measured in the same run)."""
+
+    max_accuracy_loss: float = Field(
+        0.5, ge=0, le=100, description="Largest test-accuracy loss vs the champion (points) a challenger may have."
+    )
+    min_latency_gain_pct: Optional[float] = Field(
+        5.0, ge=0, le=100, description="The challenger's p50 must be at least this much lower than the champion's (%)."
+    )
+    min_size_gain_pct: Optional[float] = Field(
+        None, ge=0, le=100, description="The challenger's file must be at least this much smaller (%); null: no rule."
+    )
+
+
 class RegistryConfig(_Strict):
     name: str = Field(
         "edgeopt-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
@@ -207,6 +221,7 @@ class RunConfig(_Strict):
     variants: VariantsConfig = VariantsConfig()
     target: TargetConfig = TargetConfig()
     selection: SelectionConfig = SelectionConfig()
+    promotion: PromotionConfig = PromotionConfig()
     registry: RegistryConfig = RegistryConfig()
     tracking: TrackingConfig = TrackingConfig()
     deploy: DeployConfig = DeployConfig()

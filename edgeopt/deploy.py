@@ -37,6 +37,17 @@ class Bundle(FolderArtifact):
         return self.path / self.manifest["model_file"]
 
 
+_LOCKS: Dict[str, FileLock] = {}
+
+
+def _lock(root: Path) -> FileLock:
+    """The deploy folder's lock: one object per folder, so a holder may re-enter it."""
+    key = str(Path(root).resolve())
+    if key not in _LOCKS:
+        _LOCKS[key] = FileLock(str(Path(root) / ".lock"), timeout=600)
+    return _LOCKS[key]
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -50,8 +61,7 @@ def bundles(root: Path) -> List[Path]:
     vdir = Path(root) / "versions"
     if not vdir.is_dir():
         return []
-    return sorted((p for p in vdir.iterdir() if p.is_dir() and (p / "manifest.json").is_file()),
-                  key=lambda p: json.loads((p / "manifest.json").read_text())["created_at"])
+    return sorted((p for p in vdir.iterdir() if p.is_dir() and (p / "manifest.json").is_file()), key=_created)
 
 
 def current(root: Path) -> Optional[Bundle]:
@@ -80,7 +90,7 @@ def deploy(
     """Write a bundle from ``model_files`` in ``model_dir`` and make it current; keep the last ``keep``."""
     root = Path(root)
     (root / "versions").mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / ".lock"), timeout=600):
+    with _lock(root):
         stamp = time.strftime("%Y%m%dT%H%M%S")
         final = root / "versions" / f"{name}-{stamp}-{uuid.uuid4().hex[:6]}"
         tmp = root / "versions" / f".tmp-{uuid.uuid4().hex}"
@@ -107,6 +117,32 @@ def deploy(
     return Bundle(final)
 
 
+def rollback(root: Path, *, uri: Optional[str] = None, alias: Optional[str] = None) -> Bundle:
+    """Make the bundle deployed before the current one current again; with ``uri`` and ``alias``,
+    move the registry alias back to that bundle's version too (one command, one lock)."""
+    root = Path(root)
+    with _lock(root):
+        cur = current(root)
+        if cur is None:
+            raise LookupError(f"{root}: nothing is deployed, nothing to roll back")
+        older = [b for b in bundles(root) if _created(b) < cur.manifest["created_at"]]
+        if not older:
+            raise LookupError(f"{root}: {cur.path.name} is the oldest bundle kept; nothing to roll back to")
+        prev = Bundle(older[-1])
+        prev.verify()
+        if uri is not None and alias is not None:
+            from edgeopt.tracking import set_alias
+
+            set_alias(uri, prev.manifest["registered_model"], alias, prev.manifest["version"])
+        _switch(root, prev.path)
+    log.info("rollback: %s -> %s", cur.path.name, prev.path.name)
+    return prev
+
+
+def _created(bundle_dir: Path) -> float:
+    return json.loads((bundle_dir / "manifest.json").read_text())["created_at"]
+
+
 def _prune(root: Path, keep: int) -> None:
     cur = current(root)
     old = [b for b in bundles(root) if cur is None or b.resolve() != cur.path]
@@ -119,26 +155,46 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def deploy_from_registry(*, uri: str, name: str, alias: str, root: Path, dataset_manifest: Dict[str, Any],
-                         promotion: Dict[str, Any], keep: int = 5) -> Bundle:
-    """Deploy the model version that ``alias`` points to (the registry is the source of truth)."""
+                         keep: int = 5) -> Optional[Bundle]:
+    """Make the deploy folder serve the version ``alias`` points to (the registry is the source of truth).
+
+    A no-op when ``current`` already holds that version; None when the alias does not exist.
+    Everything in the bundle comes from the registry: the files of the version, and the metrics,
+    runtime and runtime settings of the MLflow run that produced it.
+    """
+    from edgeopt.tracking import alias_version
+
+    root = Path(root)
+    (root / "versions").mkdir(parents=True, exist_ok=True)
+    with _lock(root):
+        mv = alias_version(uri, name, alias)
+        if mv is None:
+            return None
+        cur = current(root)
+        if cur is not None and cur.manifest.get("registered_model") == name and cur.manifest.get("version") == str(mv.version):
+            log.info("deploy: %s v%s is already current", name, mv.version)
+            return cur
+        return _deploy_version(uri, mv, name, alias, root, dataset_manifest, keep)
+
+
+def _deploy_version(uri: str, mv, name: str, alias: str, root: Path, dataset_manifest: Dict[str, Any], keep: int) -> Bundle:
     import tempfile
 
     from edgeopt.artifacts import ModelArtifact
-    from edgeopt.tracking import alias_version, download_version
+    from edgeopt.tracking import client_for, download_version
 
-    mv = alias_version(uri, name, alias)
-    if mv is None:
-        raise LookupError(f"registered model {name!r} has no alias {alias!r}; nothing to deploy")
+    run = client_for(uri).get_run(mv.run_id)
+    settings = {k.removeprefix("runtime."): v for k, v in run.data.tags.items() if k.startswith("runtime.")}
     with tempfile.TemporaryDirectory() as tmp:
         model = ModelArtifact(download_version(uri, mv, Path(tmp)))
         model.verify()
         files = sorted(n for n in model.manifest["files"] if n.startswith("model."))
         files.sort(key=lambda n: not n.endswith((".onnx", ".xml")))  # the file a runtime opens comes first
-        runtime = {"runtime": promotion["runtime"], **promotion.get("runtime_settings", {})}
+        runtime = {"runtime": run.data.tags["runtime"], **settings, "threads": int(settings.get("threads", 1))}
         return deploy(model.path, root, name=f"{name}-v{mv.version}", model_files=files, runtime=runtime,
                       labels=dataset_manifest["classes"], keep=keep, info={
                           "registered_model": name, "version": str(mv.version), "alias": alias,
-                          "variant": model.variant, "run_id": mv.run_id, "metrics": promotion.get("metrics", {}),
+                          "variant": run.info.run_name, "run_id": mv.run_id, "metrics": run.data.metrics,
                           "lineage": model.manifest.get("lineage", {}),
                           "preprocessing": {k: dataset_manifest[k] for k in ("input_shape", "mean", "std", "scale")},
                       })

@@ -8,7 +8,7 @@ so every latency and every speedup in one evaluation is a same-run comparison.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from pydantic import BaseModel
@@ -43,6 +43,8 @@ class Evaluation(BaseModel):
     fingerprint: Dict[str, object]
     teacher: Dict[str, float]
     results: List[VariantResult]
+    champion: Optional[VariantResult] = None
+    champion_version: Optional[str] = None
     warnings: List[str] = []
 
     def result(self, variant: str) -> VariantResult:
@@ -63,59 +65,55 @@ def evaluate_variants(
     teacher: Checkpoint,
     teacher_onnx: ModelArtifact,
     target: TargetConfig,
+    champion: Optional[Tuple[ModelArtifact, str, str]] = None,
 ) -> Evaluation:
-    """Accuracy, latency (p50/p95/p99, first inference), size and params of every (model, runtime)."""
+    """Accuracy, latency (p50/p95/p99, first inference), size and params of every (model, runtime).
+
+    ``champion`` (model, registry version, runtime) is the current champion: it is measured in the
+    same loop so that the challenger and it are compared on equal terms; it is not a candidate.
+    """
     x_test, y_test = dataset.split("test")
     x_lat = np.ascontiguousarray(x_test[: target.batch])
-    teacher_model = load_checkpoint(teacher)
-    teacher_pred = TorchPredictor(teacher_model, target.threads)
+    teacher_pred = TorchPredictor(load_checkpoint(teacher), target.threads)
     teacher_acc = float((teacher_pred.predict_batched(x_test).argmax(1) == y_test).mean())
-
-    results: Dict[str, VariantResult] = {}
     predictors: Dict[str, object] = {TEACHER_EAGER: teacher_pred}
-    for m in models:
-        for rt in runtimes:
-            if m.failed:
-                name = f"{m.variant}@{rt}"
-                if rt in RUNTIMES_FOR_FORMAT[m.manifest["format"]]:
-                    results[name] = VariantResult(
-                        variant=name, status="failed", reason=m.manifest.get("reason"),
-                        recipe={**m.manifest["recipe"], "runtime": rt}, lineage=m.manifest.get("lineage", {}),
-                    )
-                continue
-            if rt not in RUNTIMES_FOR_FORMAT[m.format]:
-                continue
-            name = variant_name(m, rt)
-            base = VariantResult(
-                variant=name, status="ok", recipe={**m.manifest["recipe"], "runtime": rt},
-                lineage=m.manifest.get("lineage", {}),
-            )
-            try:
-                p = make_predictor(rt, m.model_file, target.threads)
-                acc = float((p.predict_batched(x_test).argmax(1) == y_test).mean())
-            except Exception as err:  # a broken variant is recorded, not fatal
-                log.warning("evaluate: %s failed: %s", name, err)
-                results[name] = base.model_copy(update={"status": "failed", "reason": f"{type(err).__name__}: {err}"})
-                continue
-            predictors[name] = p
-            results[name] = base.model_copy(update={
-                "runtime_settings": p.settings,
-                "metrics": {
-                    "accuracy": acc,
-                    "accuracy_drop": 100 * (teacher_acc - acc),
-                    "size_mb": m.model_bytes / 1e6,
-                    "params": float(m.manifest.get("params", 0)),
-                    "macs": float(m.manifest.get("macs", 0)),
-                },
-            })
+
+    def measure_accuracy(name: str, m: ModelArtifact, rt: str) -> VariantResult:
+        r = VariantResult(variant=name, status="ok", recipe={**m.manifest["recipe"], "runtime": rt},
+                          lineage=m.manifest.get("lineage", {}))
+        if m.failed:
+            return r.model_copy(update={"status": "failed", "reason": m.manifest.get("reason")})
+        try:
+            p = make_predictor(rt, m.model_file, target.threads)
+            acc = float((p.predict_batched(x_test).argmax(1) == y_test).mean())
+        except Exception as err:  # a broken variant is recorded, not fatal
+            log.warning("evaluate: %s failed: %s", name, err)
+            return r.model_copy(update={"status": "failed", "reason": f"{type(err).__name__}: {err}"[:500]})
+        predictors[name] = p
+        return r.model_copy(update={"runtime_settings": p.settings, "metrics": {
+            "accuracy": acc,
+            "accuracy_drop": 100 * (teacher_acc - acc),
+            "size_mb": m.model_bytes / 1e6,
+            "params": float(m.manifest.get("params", 0)),
+            "macs": float(m.manifest.get("macs", 0)),
+        }})
+
+    results = {
+        variant_name(m, rt): measure_accuracy(variant_name(m, rt), m, rt)
+        for m in models for rt in runtimes if rt in RUNTIMES_FOR_FORMAT[m.format]
+    }
+    champ = None
+    if champion is not None:
+        model, version, rt = champion
+        champ = measure_accuracy(f"champion-v{version}:{variant_name(model, rt)}", model, rt)
 
     lat = measure(predictors, x_lat, warmup=target.warmup, iterations=target.iterations)
     t_lat = lat[TEACHER_EAGER]
     teacher_bytes = teacher_onnx.model_bytes
-    for name, r in results.items():
+    for r in [*results.values(), *([champ] if champ else [])]:
         if not r.ok:
             continue
-        L = lat[name]
+        L = lat[r.variant]
         r.metrics.update({
             "latency_p50_ms": L.p50_ms, "latency_p95_ms": L.p95_ms, "latency_p99_ms": L.p99_ms,
             "latency_first_ms": L.first_ms, "latency_mean_ms": L.mean_ms, "latency_std_ms": L.std_ms,
@@ -142,5 +140,7 @@ def evaluate_variants(
             "params": float(teacher.manifest["params"]),
         },
         results=list(results.values()),
+        champion=champ,
+        champion_version=champion[1] if champion else None,
         warnings=warnings,
     )

@@ -8,6 +8,7 @@ from typing import List
 from edgeopt.artifacts import FolderArtifact, new_workdir
 from edgeopt.evaluation import Evaluation
 from edgeopt.pareto import Selection
+from edgeopt.promotion import Decision
 
 STATUS_MARK = {"front": "front", "dominated": "dominated", "infeasible": "infeasible", "failed": "FAILED"}
 
@@ -34,10 +35,18 @@ def variants_table(ev: Evaluation, sel: Selection) -> str:
         f"teacher (torch eager): acc {100 * t['accuracy']:.2f} %, p50 {t['latency_p50_ms']:.3f} ms, "
         f"FP32 ONNX {t['onnx_size_mb'] * 1e3:.1f} kB"
     )
+    c = ev.champion
+    if c is not None:
+        rows.append(
+            f"champion {c.variant}: " + (
+                f"acc {100 * c.metrics['accuracy']:.2f} %, p50 {c.metrics['latency_p50_ms']:.3f} ms, "
+                f"{c.metrics['size_mb'] * 1e3:.1f} kB (re-measured in this run)" if c.ok else f"FAILED: {c.reason}"
+            )
+        )
     return "\n".join(rows)
 
 
-def selection_report(ev: Evaluation, sel: Selection, run_name: str) -> str:
+def selection_report(ev: Evaluation, sel: Selection, decision: Decision, run_name: str) -> str:
     fp = ev.fingerprint
     c = {k: v for k, v in sel.constraints.items() if v is not None}
     lines = [
@@ -47,6 +56,12 @@ def selection_report(ev: Evaluation, sel: Selection, run_name: str) -> str:
         "",
         f"**Why:** {sel.reason}.",
         "",
+        f"**Promotion:** {'promote' if decision.promote else 'keep the champion'}: {decision.reason}.",
+        "",
+        f"**Promotion rule (champion vs challenger, same run):** {decision.rule}.",
+        "",
+        *[f"- {c}" for c in decision.checks],
+        *([""] if decision.checks else []),
         f"**Rule:** drop every variant that violates a constraint ({', '.join(f'{k}={v}' for k, v in c.items()) or 'none'}), "
         f"keep the Pareto front over (accuracy up, p50 latency down, size down), pick the best `{sel.objective}` on it.",
         "",

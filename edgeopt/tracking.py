@@ -8,20 +8,23 @@ holds the config, the Pareto plot and the selection report. Promotion registers 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
+from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from edgeopt.artifacts import ModelArtifact
 from edgeopt.evaluation import Evaluation
 from edgeopt.pareto import Selection
+from edgeopt.promotion import Decision
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ def log_pipeline_run(
     config: Dict[str, Any],
     evaluation: Evaluation,
     selection: Selection,
+    decision: Decision,
     models: Dict[str, ModelArtifact],
     report_md: str,
     plot_png: Path,
@@ -79,7 +83,10 @@ def log_pipeline_run(
         "cpu_isa": ",".join(fp["isa"]),
         **tags,
     }
-    parent = client.create_run(exp, run_name=run_name, tags={**common, "edgeopt.role": "pipeline"})
+    parent = client.create_run(exp, run_name=run_name, tags={
+        **common, "edgeopt.role": "pipeline", "winner": str(selection.winner), "promote": str(decision.promote).lower(),
+        "decision": decision.reason[:5000], "promotion_rule": decision.rule, "pareto_front": ",".join(selection.front),
+    })
     pid = parent.info.run_id
     params = [Param(k, v[:6000]) for k, v in _flatten(config).items()]
     for i in range(0, len(params), 100):
@@ -90,23 +97,25 @@ def log_pipeline_run(
         (Path(tmp) / "selection.md").write_text(report_md)
         (Path(tmp) / "selection.json").write_text(selection.model_dump_json(indent=2))
         (Path(tmp) / "evaluation.json").write_text(evaluation.model_dump_json(indent=2))
+        (Path(tmp) / "decision.json").write_text(decision.model_dump_json(indent=2))
         client.log_artifacts(pid, tmp, artifact_path="report")
     client.log_artifact(pid, str(plot_png), artifact_path="report")
 
     runs = {}
-    for r in evaluation.results:
-        v = verdicts[r.variant]
+    champion = [evaluation.champion] if evaluation.champion is not None else []
+    for r in [*evaluation.results, *champion]:
+        v = verdicts.get(r.variant)
         vtags = {
             **common,
             "mlflow.parentRunId": pid,
-            "edgeopt.role": "variant",
+            "edgeopt.role": "variant" if v else "champion",
             "runtime": str(r.recipe.get("runtime")),
-            "pareto": v.status,
+            "pareto": v.status if v else "champion",
             "winner": str(r.variant == selection.winner).lower(),
             **{f"lineage.{k}": str(val) for k, val in r.lineage.items()},
             **{f"runtime.{k}": str(val) for k, val in r.runtime_settings.items()},
         }
-        if v.reasons:
+        if v and v.reasons:
             vtags["verdict_reasons"] = "; ".join(v.reasons)[:5000]
         if r.reason:
             vtags["failure_reason"] = r.reason[:5000]
@@ -117,7 +126,7 @@ def log_pipeline_run(
             params=[Param(k, str(val)) for k, val in r.recipe.items()],
             metrics=[Metric(k, float(val), 0, 0) for k, val in r.metrics.items()],
         )
-        model = models.get(r.variant.split("@")[0])
+        model = models.get(r.variant.split("@")[0]) if v else None
         if model is not None and not model.failed:
             client.log_artifacts(rid, str(model.path), artifact_path="model")
         client.set_terminated(rid, "FINISHED" if r.ok else "FAILED")
@@ -158,27 +167,59 @@ def download_version(uri: str, mv, dst: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst)))
 
 
+def fetch_champion(uri: str, name: str, alias: str, dst: Path) -> Optional[Tuple[ModelArtifact, str, str]]:
+    """The model behind ``alias`` as (ModelArtifact, version, runtime), or None when there is none."""
+    mv = alias_version(uri, name, alias)
+    if mv is None:
+        return None
+    model = ModelArtifact(download_version(uri, mv, dst))
+    model.verify()
+    return model, str(mv.version), mv.tags.get("runtime", "onnxruntime")
+
+
+def promotion_lock(uri: str, name: str) -> FileLock:
+    """Serializes promotions of one registered model from this machine (compare-and-set below)."""
+    key = hashlib.sha256(f"{uri}|{name}".encode()).hexdigest()[:16]
+    lock_dir = Path(tempfile.gettempdir()) / "edgeopt-locks"
+    lock_dir.mkdir(exist_ok=True)
+    return FileLock(str(lock_dir / f"promote-{key}.lock"), timeout=600)
+
+
 def promote_winner(
-    *, uri: str, name: str, alias: str, selection: Selection, evaluation: Evaluation,
+    *, uri: str, name: str, alias: str, selection: Selection, evaluation: Evaluation, decision: Decision,
     runs: Dict[str, Any], tags: Dict[str, str],
 ) -> Dict[str, Any]:
-    """Register the winner's model as a new version of ``name`` and move ``alias`` to it.
+    """Register the winner as a new version of ``name`` and move ``alias`` to it, if ``decision`` says so.
 
-    Returns what was done, with the reason; no winner means no promotion (and says why).
+    Compare-and-set under a lock: if another run moved the alias since this run measured the
+    champion, nothing is promoted (the comparison would be against a stale champion).
+    Returns what was done and why.
     """
-    if selection.winner is None:
-        log.warning("promote: nothing promoted: %s", selection.reason)
-        return {"promoted": False, "reason": selection.reason}
+    measured = evaluation.champion_version
+    base = {"promoted": False, "reason": decision.reason, "rule": decision.rule, "checks": decision.checks,
+            "champion_before": measured, "winner": selection.winner}
+    if not decision.promote:
+        log.warning("promote: nothing promoted: %s", decision.reason)
+        return base
     w = evaluation.result(selection.winner)
     run_id = runs["variant_runs"][selection.winner]
-    version = register_version(uri, name, run_id, tags={
-        **tags, "variant": w.variant, "runtime": str(w.recipe["runtime"]),
-        **{k: f"{v:.6g}" for k, v in w.metrics.items() if k in ("accuracy", "latency_p50_ms", "size_mb")},
-    }, description=selection.reason)
-    set_alias(uri, name, alias, version)
-    log.info("promote: %s -> %s version %s (alias %r)", w.variant, name, version, alias)
+    with promotion_lock(uri, name):
+        now = alias_version(uri, name, alias)
+        now = str(now.version) if now is not None else None
+        if now != measured:
+            reason = (f"the champion moved from v{measured} to v{now} while this run was measuring; "
+                      "not promoted (re-run to compare against the new champion)")
+            log.warning("promote: %s", reason)
+            return {**base, "reason": reason}
+        version = register_version(uri, name, run_id, tags={
+            **tags, "variant": w.variant, "runtime": str(w.recipe["runtime"]), "rule": decision.rule,
+            "decision": decision.reason, "pareto_front": ",".join(selection.front),
+            **{k: f"{v:.6g}" for k, v in w.metrics.items() if k in ("accuracy", "latency_p50_ms", "size_mb")},
+        }, description=decision.reason)
+        set_alias(uri, name, alias, version)
+    log.info("promote: %s -> %s version %s (alias %r): %s", w.variant, name, version, alias, decision.reason)
     return {
-        "promoted": True, "reason": selection.reason, "registered_model": name, "version": version,
+        **base, "promoted": True, "registered_model": name, "version": version,
         "alias": alias, "variant": w.variant, "run_id": run_id, "runtime": w.recipe["runtime"],
         "runtime_settings": w.runtime_settings, "metrics": w.metrics, "lineage": w.lineage,
     }

@@ -46,14 +46,17 @@ def compress(config: dict) -> None:
                     fp32, dataset, scheme=scheme, calibration_samples=v.quant.calibration_samples,
                     seed=cfg.seed, id=f"quantize_{tag}_{fmt}_{scheme}",
                 ))
-    evaluation = evaluate(models, dataset, teacher, teacher_onnx, runtimes=list(v.runtimes),
-                          target=cfg.target.model_dump(mode="json"))
-    selection, report, plot = select(evaluation, constraints=cfg.target.constraints.model_dump(mode="json"),
-                                     objective=cfg.selection.objective)
     uri = cfg.tracking_uri()
-    runs = track(evaluation, selection, report, plot, models, dataset, config=config, tracking_uri=uri,
+    evaluation = evaluate(models, dataset, teacher, teacher_onnx, runtimes=list(v.runtimes),
+                          target=cfg.target.model_dump(mode="json"), tracking_uri=uri,
+                          registered_model=cfg.registry.name, alias=cfg.registry.alias)
+    selection, decision, report, plot = select(
+        evaluation, constraints=cfg.target.constraints.model_dump(mode="json"), objective=cfg.selection.objective,
+        promotion=cfg.promotion.model_dump(mode="json"),
+    )
+    runs = track(evaluation, selection, decision, report, plot, models, dataset, config=config, tracking_uri=uri,
                  experiment=cfg.tracking.experiment)
-    promotion = promote(evaluation, selection, runs, tracking_uri=uri, registered_model=cfg.registry.name,
-                        alias=cfg.registry.alias)
+    promotion = promote(evaluation, selection, decision, runs, tracking_uri=uri,
+                        registered_model=cfg.registry.name, alias=cfg.registry.alias)
     deploy(promotion, dataset, tracking_uri=uri, registered_model=cfg.registry.name, alias=cfg.registry.alias,
            root=str(cfg.deploy_root()), keep=cfg.deploy.keep)

@@ -24,11 +24,14 @@ def output(run, step: str, name: str):
     return run.steps[step].outputs[name][0].load()
 
 
-def run_pipeline(cfg: RunConfig, *, enable_cache: bool = True, run_name: Optional[str] = None) -> Dict[str, Any]:
+def run_pipeline(cfg: RunConfig, *, enable_cache: bool = True, run_name: Optional[str] = None,
+                 zenml_config: Optional[str] = None) -> Dict[str, Any]:
+    """``zenml_config``: a ZenML run-config YAML (step settings, Docker, resources), e.g.
+    infra/kubeflow/run_config.yaml; what this function sets (run name, cache, model) wins."""
     use_checkout_as_source_root()
     name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     model = Model(name=cfg.registry.name, description="edgeopt: Pareto-best edge model", tags=["edgeopt"])
-    p = compress.with_options(run_name=name, enable_cache=enable_cache, model=model)
+    p = compress.with_options(run_name=name, enable_cache=enable_cache, model=model, config_path=zenml_config)
     run = Client().get_pipeline_run(p(config=cfg.model_dump(mode="json")).id)
     if run.status != ExecutionStatus.COMPLETED:
         failed = [s for s, r in run.steps.items() if r.status == ExecutionStatus.FAILED]
@@ -44,7 +47,7 @@ def run_pipeline(cfg: RunConfig, *, enable_cache: bool = True, run_name: Optiona
             f"its FP32 ONNX, {m['speedup_vs_teacher']:.1f}x lower p50 than torch eager"
         )
     else:
-        headline = f"no promotion: {promotion['reason']}"
+        headline = f"no promotion: {promotion['reason']}" + (f"\n  deployed (unchanged): {bundle}" if bundle else "")
     cached = sorted(s for s, r in run.steps.items() if r.status == ExecutionStatus.CACHED)
     return {"run": run, "evaluation": ev, "selection": sel, "promotion": promotion, "bundle": bundle,
             "cached_steps": cached, "table": variants_table(ev, sel), "headline": headline}

@@ -10,9 +10,10 @@ from edgeopt.deploy import deploy_from_registry
 @step(enable_cache=False)
 def deploy(promotion: dict, dataset: Dataset, tracking_uri: str, registered_model: str, alias: str,
            root: str, keep: int) -> Annotated[Optional[str], "bundle"]:
-    """Write the champion's bundle to the deploy folder atomically; returns its path."""
-    if not promotion["promoted"]:
-        return None
+    """Make the deploy folder serve the champion (atomically); returns the current bundle's path.
+
+    Runs after ``promote`` whether or not it promoted: it deploys whatever the registry alias
+    points to, so concurrent runs converge on one champion and one current bundle."""
     bundle = deploy_from_registry(uri=tracking_uri, name=registered_model, alias=alias, root=Path(root),
-                                  dataset_manifest=dataset.manifest, promotion=promotion, keep=keep)
-    return str(bundle.path)
+                                  dataset_manifest=dataset.manifest, keep=keep)
+    return str(bundle.path) if bundle else None

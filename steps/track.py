@@ -6,6 +6,7 @@ from zenml.types import MarkdownString
 from edgeopt.artifacts import Dataset, ModelArtifact
 from edgeopt.evaluation import Evaluation
 from edgeopt.pareto import Selection
+from edgeopt.promotion import Decision
 from edgeopt.provenance import provenance
 from edgeopt.report import PlotImage
 from edgeopt.tracking import log_pipeline_run
@@ -13,7 +14,8 @@ from edgeopt.tracking import log_pipeline_run
 
 @step(enable_cache=False)
 def track(
-    evaluation: Evaluation, selection: Selection, selection_report: MarkdownString, pareto_plot: PlotImage,
+    evaluation: Evaluation, selection: Selection, decision: Decision, selection_report: MarkdownString,
+    pareto_plot: PlotImage,
     models: List[ModelArtifact], dataset: Dataset, config: dict, tracking_uri: str, experiment: str,
 ) -> Annotated[dict, "mlflow_runs"]:
     """Log the run to MLflow: a parent run and one nested run per variant. Always runs, so a
@@ -25,7 +27,7 @@ def track(
     }
     runs = log_pipeline_run(
         uri=tracking_uri, experiment=experiment, run_name=ctx.pipeline_run.name, config=config,
-        evaluation=evaluation, selection=selection, models={m.variant: m for m in models},
+        evaluation=evaluation, selection=selection, decision=decision, models={m.variant: m for m in models},
         report_md=str(selection_report), plot_png=pareto_plot.png, tags=tags,
     )
     return {**runs, "tags": tags}

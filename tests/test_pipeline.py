@@ -75,6 +75,11 @@ def test_rerun_reuses_training_and_a_new_variant_list_does_not_retrain(first_run
     cached = set(again["cached_steps"])
     assert {"train_teacher", "distill_student", "prune_p50", "export_p0_onnx", "quantize_p0_onnx_int8"} <= cached
     assert {"evaluate", "track", "promote", "deploy"}.isdisjoint(cached)  # measured and recorded every run
+    # the same winner again is no faster than the champion it is: re-measured, compared, kept
+    ev, promo = again["evaluation"], again["promotion"]
+    assert ev.champion is not None and ev.champion.ok and ev.champion_version == first_run["promotion"]["version"]
+    assert not promo["promoted"] and "champion kept" in promo["reason"] and promo["checks"]
+    assert again["bundle"] == first_run["bundle"]  # the deploy folder did not move
     fewer = {**tiny_raw, "variants": {**tiny_raw["variants"], "prune_ratios": [0.0], "formats": ["onnx"]}}
     third = run_pipeline(parse_config(fewer), run_name="tiny-fewer")
     assert {"train_teacher", "distill_student"} <= set(third["cached_steps"])
