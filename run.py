@@ -113,8 +113,8 @@ def validate(config: Path) -> None:
               help="Address to bind. Anything but loopback (127.0.0.1, ::1, localhost) needs a token.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")
 @click.option("--token", envvar="EDGEOPT_SERVE_TOKEN", show_envvar=True, default=None,
-              help="Bearer token (16+ characters) required on every endpoint but /health. "
-                   "Prefer the environment variable: an option is visible in the process list.")
+              help="Bearer token (16+ characters) required on every endpoint (/health without it: the status "
+                   "only). Prefer the environment variable: an option is visible in the process list.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=8 * 1024 * 1024, show_default=True,
               help="Largest request body accepted (413 above it).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
@@ -125,7 +125,7 @@ def serve(deploy_root: Path, host: str, port: int, token: str | None, max_body_b
     """Serve the deployed model over HTTP (FastAPI + uvicorn) until Ctrl-C.
 
     \b
-    GET  /health     status and the bundle being served (no token needed)
+    GET  /health     status and the bundle being served (the status alone without the token)
     GET  /metadata   version, variant, metrics, manifest, labels
     POST /predict    an image as multipart field 'file' (repeatable), or JSON
                      {"inputs": [...]}: a normalized tensor [N,C,H,W] or [C,H,W];

@@ -92,8 +92,13 @@ def _summary(first: float, samples: List[float]) -> Latency:
     )
 
 
-def measure(predictors: Dict[str, object], x: np.ndarray, warmup: int = 20, iterations: int = 200, rounds: int = 5) -> Dict[str, Latency]:
-    """Latency of each predictor on the same input ``x``, interleaved over ``rounds``."""
+def measure(predictors: Dict[str, object], x: np.ndarray, warmup: int = 20, iterations: int = 200,
+            rounds: int = 5, time_budget_s: float | None = None) -> Dict[str, Latency]:
+    """Latency of each predictor on the same input ``x``, interleaved over ``rounds``.
+
+    Each model gets ``iterations`` timed inferences, or, with ``time_budget_s``, as many as fit in
+    that many seconds (at least one per round).
+    """
     first, samples = {}, {k: [] for k in predictors}
     for name, p in predictors.items():
         t = time.perf_counter()
@@ -105,8 +110,11 @@ def measure(predictors: Dict[str, object], x: np.ndarray, warmup: int = 20, iter
     for _ in range(rounds):
         for name, p in predictors.items():
             s = samples[name]
-            for _ in range(per_round):
+            deadline = None if time_budget_s is None else time.perf_counter() + time_budget_s / rounds
+            n = 0
+            while (n < per_round) if deadline is None else (n == 0 or time.perf_counter() < deadline):
                 t = time.perf_counter()
                 p(x)
                 s.append(time.perf_counter() - t)
+                n += 1
     return {k: _summary(first[k], samples[k]) for k in predictors}

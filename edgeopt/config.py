@@ -18,10 +18,15 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 Runtime = Literal["onnxruntime", "openvino"]
 Format = Literal["onnx", "openvino"]
-Scheme = Literal["fp32", "int8"]
+Scheme = Literal["fp32", "fp16", "int8", "int8-dynamic", "int8-acc"]
 
 # Which runtime can run which exported format. OpenVINO reads ONNX too; ONNX Runtime cannot read IR.
 RUNTIMES_FOR_FORMAT = {"onnx": ("onnxruntime", "openvino"), "openvino": ("openvino",)}
+# Which precision schemes each format supports (dynamic INT8 is an ONNX Runtime technique).
+SCHEMES_FOR_FORMAT = {
+    "onnx": ("fp32", "fp16", "int8", "int8-dynamic", "int8-acc"),
+    "openvino": ("fp32", "fp16", "int8", "int8-acc"),
+}
 
 
 # Names of edgeopt.models.ARCHITECTURES, listed here so that validating a config imports no torch.
@@ -53,6 +58,13 @@ class DataConfig(_Strict):
         None, description="[height, width] to resize to; default: the data's own size (8x8 for digits)."
     )
     grayscale: bool = Field(False, description="Convert ImageFolder images to one channel.")
+    mean: Optional[List[float]] = Field(
+        None, description="Per-channel normalization mean (of pixels scaled to [0, 1]); default: the train split's. "
+                          "A pretrained torchvision teacher wants ImageNet's [0.485, 0.456, 0.406].",
+    )
+    std: Optional[List[float]] = Field(
+        None, description="Per-channel normalization std; default: the train split's (ImageNet: [0.229, 0.224, 0.225]).",
+    )
     split: SplitConfig = SplitConfig()
 
     @field_validator("image_size")
@@ -61,6 +73,14 @@ class DataConfig(_Strict):
         if v is not None and min(v) < 4:
             raise ValueError("each side must be at least 4 pixels")
         return v
+
+    @model_validator(mode="after")
+    def _mean_std_together(self):
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("data.mean and data.std go together: set both or neither")
+        if self.std is not None and (len(self.std) != len(self.mean) or min(self.std) <= 0):
+            raise ValueError("data.std: one positive value per channel, as many as data.mean")
+        return self
 
     @model_validator(mode="after")
     def _root_for_imagefolder(self):
@@ -89,6 +109,32 @@ class TrainConfig(_Strict):
         return v
 
 
+class TeacherConfig(TrainConfig):
+    checkpoint: Optional[Path] = Field(
+        None, description="Load the teacher from this state dict (.pt/.pth, or .safetensors) for `arch` "
+                          "instead of training it.",
+    )
+    onnx: Optional[Path] = Field(None, description="Use this ONNX model as the teacher instead of training one.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.checkpoint is not None and self.onnx is not None:
+            raise ValueError("set at most one of teacher.checkpoint and teacher.onnx")
+        for field, suffixes in (("checkpoint", (".pt", ".pth", ".safetensors")), ("onnx", (".onnx",))):
+            path = getattr(self, field)
+            if path is None:
+                continue
+            if path.suffix not in suffixes:
+                raise ValueError(f"teacher.{field}: expected a {'/'.join(suffixes)} file, got {path.name}")
+            if not (path if path.is_absolute() else PROJECT_ROOT / path).is_file():
+                raise ValueError(f"teacher.{field}: file not found: {path}")
+        return self
+
+    @property
+    def source(self) -> Optional[Path]:
+        return self.checkpoint or self.onnx
+
+
 class KDConfig(_Strict):
     temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature T (Hinton: 4).")
     alpha: float = Field(0.9, ge=0, le=1, description="Weight of the KD term; 1-alpha weighs the hard-label CE.")
@@ -98,32 +144,92 @@ class StudentConfig(TrainConfig):
     kd: KDConfig = KDConfig()
 
 
-class PruneConfig(_Strict):
-    importance: Literal["l1", "l2"] = Field("l2", description="Channel importance: L1 or L2 weight magnitude.")
-    finetune_epochs: int = Field(3, ge=0, le=1000, description="KD fine-tune epochs after pruning.")
-    lr: float = Field(0.005, gt=0, le=10)
+class FinetuneConfig(_Strict):
+    finetune_epochs: int = Field(3, ge=0, le=1000, description="KD fine-tune epochs after the change.")
+    lr: float = Field(0.005, gt=0, le=10, description="Fine-tune learning rate.")
+
+
+class PruneConfig(FinetuneConfig):
+    """Structured channel pruning (torch-pruning): the model gets physically smaller."""
+
+    importance: Literal["l1", "l2", "taylor", "bn_scale", "fpgm", "random"] = Field(
+        "l2", description="Channel importance criterion (torch-pruning importances).",
+    )
+    global_pruning: bool = Field(False, description="Rank channels across all layers instead of per layer.")
+    iterative_steps: int = Field(1, ge=1, le=100, description="Reach the ratio in this many pruning steps.")
+
+
+class LowRankConfig(FinetuneConfig):
+    """Truncated-SVD factorization of Linear and Conv layers (k x k conv -> k x k to rank r, then 1x1)."""
+
+    min_params_saved: float = Field(
+        0.1, ge=0, lt=1, description="Factorize a layer only when it saves at least this fraction of its weights.",
+    )
+
+
+class SparsityConfig(FinetuneConfig):
+    """Unstructured magnitude pruning: zeros in dense tensors (smaller once compressed, no speedup)."""
+
+    global_pruning: bool = Field(True, description="One magnitude threshold across all layers.")
+
+
+class OrtQuantConfig(_Strict):
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field("minmax")
+    per_channel: bool = Field(True, description="Per-channel weight scales.")
+    activation_type: Literal["int8", "uint8"] = Field(
+        "int8", description="int8: S8S8 (ORT's first choice on x86); uint8: U8S8."
+    )
+    reduce_range: bool = Field(False, description="7-bit weights (helps U8S8 on AVX2/AVX512 without VNNI).")
+
+
+class NNCFQuantConfig(_Strict):
+    preset: Literal["performance", "mixed"] = Field(
+        "performance", description="performance: symmetric; mixed: asymmetric activations."
+    )
+    subset_size: int = Field(300, ge=1, le=100000, description="Calibration samples NNCF uses (<= calibration_samples).")
+    fast_bias_correction: bool = True
+
+
+class AccuracyControlConfig(_Strict):
+    max_drop: float = Field(1.0, gt=0, le=100, description="Largest accuracy drop vs FP32 on the val split (points).")
+    max_iterations: int = Field(20, ge=1, le=1000, description="Most layers reverted to FP32.")
 
 
 class QuantConfig(_Strict):
     calibration_samples: int = Field(
         200, ge=1, le=100000, description="Calibration images drawn from the train split."
     )
+    onnxruntime: OrtQuantConfig = OrtQuantConfig()
+    nncf: NNCFQuantConfig = NNCFQuantConfig()
+    accuracy_control: AccuracyControlConfig = AccuracyControlConfig()
 
 
 class VariantsConfig(_Strict):
     prune_ratios: List[Annotated[float, Field(ge=0, lt=1)]] = Field(
         [0.0, 0.5], min_length=1, description="Structured channel-pruning ratios; 0 means the unpruned student."
     )
-    quantization: List[Scheme] = Field(["fp32", "int8"], min_length=1)
+    lowrank_energies: List[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        [], description="Low-rank variants: keep this fraction of each layer's singular-value energy.",
+    )
+    sparsities: List[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        [], description="Unstructured magnitude-pruning ratios (fraction of weights set to zero).",
+    )
+    quantization: List[Scheme] = Field(
+        ["fp32", "int8"], min_length=1,
+        description="fp32, fp16, int8 (static PTQ: ORT QDQ / NNCF), int8-dynamic (ORT, ONNX only), "
+                    "int8-acc (NNCF accuracy-controlled PTQ)",
+    )
     formats: List[Format] = Field(["onnx", "openvino"], min_length=1)
     runtimes: List[Runtime] = Field(
         ["onnxruntime", "openvino"], min_length=1,
         description="Runtimes to evaluate on; each format runs on the runtimes that can read it.",
     )
     prune: PruneConfig = PruneConfig()
+    lowrank: LowRankConfig = LowRankConfig()
+    sparsity: SparsityConfig = SparsityConfig()
     quant: QuantConfig = QuantConfig()
 
-    @field_validator("prune_ratios", "quantization", "formats", "runtimes")
+    @field_validator("prune_ratios", "lowrank_energies", "sparsities", "quantization", "formats", "runtimes")
     @classmethod
     def _unique(cls, v):
         if len(set(v)) != len(v):
@@ -134,17 +240,27 @@ class VariantsConfig(_Strict):
     def _some_variant(self):
         if not self.combinations():
             raise ValueError(
-                f"no format in {self.formats} runs on any runtime in {self.runtimes} "
-                f"(onnx runs on onnxruntime/openvino, openvino IR on openvino)"
+                f"no variant: no format in {self.formats} runs on a runtime in {self.runtimes} with a scheme in "
+                f"{self.quantization} (onnx runs on onnxruntime/openvino, openvino IR on openvino; "
+                f"int8-dynamic is ONNX-only)"
             )
         return self
 
-    def combinations(self) -> List[Tuple[float, str, str, str]]:
-        """(prune_ratio, format, scheme, runtime) for every variant of the student."""
+    def shrinks(self) -> List[Tuple[str, float, str]]:
+        """(method, amount, tag) of every structural recipe: ``none`` (the student), ``prune``,
+        ``lowrank``, ``sparsity``; the tag names the variant, e.g. p50, lr90, sp50."""
+        return (
+            [("none" if r == 0 else "prune", r, f"p{round(r * 100)}") for r in self.prune_ratios]
+            + [("lowrank", e, f"lr{round(e * 100)}") for e in self.lowrank_energies]
+            + [("sparsity", s, f"sp{round(s * 100)}") for s in self.sparsities]
+        )
+
+    def combinations(self) -> List[Tuple[str, str, str, str]]:
+        """(shrink tag, format, scheme, runtime) for every variant of the student."""
         return [
-            (r, f, s, rt)
-            for r, f, s, rt in itertools.product(self.prune_ratios, self.formats, self.quantization, self.runtimes)
-            if rt in RUNTIMES_FOR_FORMAT[f]
+            (tag, f, s, rt)
+            for (_, _, tag), f, s, rt in itertools.product(self.shrinks(), self.formats, self.quantization, self.runtimes)
+            if rt in RUNTIMES_FOR_FORMAT[f] and s in SCHEMES_FOR_FORMAT[f]
         ]
 
 
@@ -162,6 +278,9 @@ class TargetConfig(_Strict):
     batch: int = Field(1, ge=1, le=1024, description="Batch size for latency.")
     warmup: int = Field(20, ge=0, le=100000, description="Warm-up inferences before timing.")
     iterations: int = Field(200, ge=10, le=1000000, description="Timed inferences per model.")
+    time_budget_s: Optional[float] = Field(
+        None, gt=0, le=3600, description="Instead of a fixed count: time each model for this many seconds.",
+    )
     constraints: ConstraintsConfig = ConstraintsConfig()
 
 
@@ -216,7 +335,7 @@ class RunConfig(_Strict):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
-    teacher: TrainConfig
+    teacher: TeacherConfig
     student: StudentConfig
     variants: VariantsConfig = VariantsConfig()
     target: TargetConfig = TargetConfig()

@@ -91,8 +91,13 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     idx_train, idx_val = train_test_split(
         idx_trainval, test_size=val_frac, random_state=seed, stratify=y[idx_trainval]
     )
-    mean = x[idx_train].mean(axis=(0, 2, 3))
-    std = x[idx_train].std(axis=(0, 2, 3)) + 1e-6
+    if cfg.mean is not None:
+        if len(cfg.mean) != x.shape[1]:
+            raise DataError(f"data.mean has {len(cfg.mean)} values, the images have {x.shape[1]} channel(s)")
+        mean, std = np.asarray(cfg.mean, np.float32), np.asarray(cfg.std, np.float32)
+    else:
+        mean = x[idx_train].mean(axis=(0, 2, 3))
+        std = x[idx_train].std(axis=(0, 2, 3)) + 1e-6
     norm = lambda a: ((a - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)  # noqa: E731
     out = new_workdir("data")
     for name, part in (("train", idx_train), ("val", idx_val), ("test", idx_test)):

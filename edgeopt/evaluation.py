@@ -107,7 +107,8 @@ def evaluate_variants(
         model, version, rt = champion
         champ = measure_accuracy(f"champion-v{version}:{variant_name(model, rt)}", model, rt)
 
-    lat = measure(predictors, x_lat, warmup=target.warmup, iterations=target.iterations)
+    lat = measure(predictors, x_lat, warmup=target.warmup, iterations=target.iterations,
+                  time_budget_s=target.time_budget_s)
     t_lat = lat[TEACHER_EAGER]
     teacher_bytes = teacher_onnx.model_bytes
     for r in [*results.values(), *([champ] if champ else [])]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -57,19 +58,18 @@ def check_parity(model: nn.Module, predict, x: np.ndarray, atol: float = PARITY_
     return diff
 
 
-def variant_id(role: str, prune_ratio: float, scheme: str, fmt: str) -> str:
-    """E.g. ``teacher-fp32-onnx``, ``p50-int8-openvino`` (a student pruned by 50 %)."""
-    head = "teacher" if role == "teacher" else f"p{round(prune_ratio * 100)}"
-    return f"{head}-{scheme}-{fmt}"
+def variant_id(tag: str, scheme: str, fmt: str) -> str:
+    """E.g. ``teacher-fp32-onnx``, ``p50-int8-openvino`` (a student pruned by 50 %), ``lr90-fp16-onnx``."""
+    return f"{tag}-{scheme}-{fmt}"
 
 
 def export_checkpoint(ckpt: Checkpoint, fmt: str, dataset: Dataset) -> ModelArtifact:
     """FP32 export of a checkpoint to ``fmt`` ('onnx' or 'openvino'), parity-checked on val images."""
     from edgeopt.runtimes import make_predictor
 
-    ratio = float(ckpt.manifest.get("prune_ratio", 0.0))
-    variant = variant_id(ckpt.role, ratio, "fp32", fmt)
-    recipe = {"role": ckpt.role, "prune_ratio": ratio, "scheme": "fp32", "format": fmt}
+    tag = ckpt.manifest.get("tag", ckpt.role)
+    variant = variant_id(tag, "fp32", fmt)
+    recipe = {"role": ckpt.role, "shrink": tag, **ckpt.manifest.get("shrink", {}), "scheme": "fp32", "format": fmt}
     own = ckpt.content_hash[:12]
     lineage = {**ckpt.manifest.get("lineage", {}), ckpt.role: own, "parent": f"{ckpt.role}:{own}"}
 
@@ -77,13 +77,18 @@ def export_checkpoint(ckpt: Checkpoint, fmt: str, dataset: Dataset) -> ModelArti
         model = load_checkpoint(ckpt)
         out = new_workdir(variant)
         x_val = dataset.split("val")[0][:64]
+
+        def to_onnx(path: Path) -> Path:  # a teacher brought as ONNX is already exported
+            if ckpt.manifest.get("format") == "onnx":
+                return Path(shutil.copy2(ckpt.path / "model.onnx", path))
+            return export_onnx(model, ckpt.manifest["input_shape"], path)
+
         if fmt == "onnx":
-            export_onnx(model, ckpt.manifest["input_shape"], out / "model.onnx")
+            to_onnx(out / "model.onnx")
             runtime = "onnxruntime"
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                onnx_path = export_onnx(model, ckpt.manifest["input_shape"], Path(tmp) / "model.onnx")
-                onnx_to_openvino(onnx_path, out / "model.xml")
+                onnx_to_openvino(to_onnx(Path(tmp) / "model.onnx"), out / "model.xml")
             runtime = "openvino"
         diff = check_parity(model, make_predictor(runtime, out / ("model.onnx" if fmt == "onnx" else "model.xml")), x_val)
         art = ModelArtifact.write(out, {

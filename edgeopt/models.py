@@ -4,7 +4,8 @@
 two small CNNs sized for small inputs (the embedded default) and torchvision's classifiers, built
 with random weights (nothing is downloaded). Checkpoints are state dicts loaded with
 ``weights_only=True``; a pruned model's reduced layer shapes are read back from the weights' own
-shapes, so a pruned student reloads into its named architecture without any pickled code.
+shapes, and a low-rank one's factorized layers from the ``lowrank_plan`` in its manifest, so a
+shrunk student reloads into its named architecture without any pickled code.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from edgeopt.artifacts import Checkpoint, new_workdir
 from edgeopt.config import ARCHITECTURE_NAMES
+from edgeopt.lowrank import apply_lowrank_plan
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -81,9 +83,12 @@ def _torchvision(name: str) -> Callable[[int, int, int], nn.Module]:
     def build(num_classes: int, in_channels: int, width: int) -> nn.Module:
         import torchvision
 
-        if in_channels != 3:
-            raise ValueError(f"{name} expects 3 input channels, the data has {in_channels} (set data.grayscale: false)")
-        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+        model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+        if in_channels != 3:  # e.g. grayscale data: the stem convolution takes in_channels
+            parent, attr, conv = _first_conv(model)
+            setattr(parent, attr, nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                            conv.padding, conv.dilation, conv.groups, conv.bias is not None))
+        return model
 
     build.__doc__ = f"torchvision.models.{name} (random init; width is ignored)"
     return build
@@ -94,6 +99,14 @@ ARCHITECTURES: Dict[str, Callable[[int, int, int], nn.Module]] = {
     "resnet_small": ResNetSmall,
     **{n: _torchvision(n) for n in ARCHITECTURE_NAMES[2:]},
 }
+
+
+def _first_conv(model: nn.Module):
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            parent_name, _, attr = name.rpartition(".")
+            return model.get_submodule(parent_name) if parent_name else model, attr, m
+    raise ValueError("the model has no Conv2d layer")
 
 
 def build_model(arch: str, num_classes: int, in_channels: int, width: int) -> nn.Module:
@@ -123,8 +136,13 @@ def save_checkpoint(model: nn.Module, *, role: str, arch: Dict[str, Any], input_
 def load_checkpoint(ckpt: Checkpoint | Path) -> nn.Module:
     """Rebuild the architecture and load the weights (``weights_only=True``: no code is unpickled)."""
     ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint(ckpt)
+    if ckpt.manifest.get("format") == "onnx":  # a teacher brought as an ONNX file
+        from edgeopt.pretrained import OnnxModule
+
+        return OnnxModule(ckpt.path / "model.onnx")
     a = ckpt.manifest["arch"]
     model = build_model(a["name"], a["num_classes"], a["in_channels"], a["width"])
+    apply_lowrank_plan(model, ckpt.manifest.get("lowrank_plan", {}))
     state = torch.load(ckpt.path / "weights.pt", map_location="cpu", weights_only=True)
     _reshape_to(model, state)
     model.load_state_dict(state, strict=True)

@@ -19,12 +19,14 @@ from torch import nn
 class Predictor:
     runtime: str = ""
     settings: Dict[str, Any]
+    fixed_batch: int | None = None  # a model exported with a static batch size takes exactly that many
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def predict_batched(self, x: np.ndarray, batch_size: int = 128) -> np.ndarray:
-        return np.concatenate([self(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        step = self.fixed_batch or batch_size
+        return np.concatenate([self(x[i : i + step]) for i in range(0, len(x), step)])
 
 
 class OrtPredictor(Predictor):
@@ -38,7 +40,9 @@ class OrtPredictor(Predictor):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         self.settings = {"threads": threads, "provider": "CPUExecutionProvider", "version": ort.__version__}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -73,6 +77,8 @@ class OpenVINOPredictor(Predictor):
         }
         self.compiled = ov_core().compile_model(str(path), "CPU", config)
         self.request = self.compiled.create_infer_request()
+        batch = self.compiled.input(0).get_partial_shape()[0]
+        self.fixed_batch = batch.get_length() if batch.is_static else None
         self.settings = {
             "threads": threads,
             "hint": "LATENCY",

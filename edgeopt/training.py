@@ -126,16 +126,29 @@ def _arch(cfg, dataset) -> dict:
 
 
 def train_teacher(dataset, cfg, seed: int = 0):
-    """Train the teacher from scratch on the train split; returns its Checkpoint."""
-    from edgeopt.models import build_model, save_checkpoint
+    """Train the teacher from scratch on the train split, or load the one the config brings
+    (``teacher.checkpoint`` / ``teacher.onnx``); returns its Checkpoint."""
+    from edgeopt.models import build_model, load_checkpoint, save_checkpoint
+    from edgeopt.pretrained import file_sha256, load_state_dict_teacher, onnx_teacher
 
     seed_everything(seed)
     arch = _arch(cfg, dataset)
-    model = build_model(arch["name"], arch["num_classes"], arch["in_channels"], arch["width"])
-    hist = fit(model, dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-               weight_decay=cfg.weight_decay, seed=seed, desc=f"teacher {cfg.arch}")
+    x_val, y_val = dataset.split("val")
+    if cfg.onnx is not None:
+        ckpt = onnx_teacher(cfg.onnx, dataset.input_shape, arch["num_classes"])
+        log.info("train_teacher: loaded ONNX teacher %s (val acc %.4f)", cfg.onnx,
+                 accuracy(load_checkpoint(ckpt), x_val, y_val))
+        return ckpt
+    if cfg.checkpoint is not None:
+        model = load_state_dict_teacher(cfg.checkpoint, arch, dataset.input_shape)
+        hist = {"best_val_acc": accuracy(model, x_val, y_val), "source": str(cfg.checkpoint),
+                "source_sha256": file_sha256(cfg.checkpoint)}
+    else:
+        model = build_model(arch["name"], arch["num_classes"], arch["in_channels"], arch["width"])
+        hist = fit(model, dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                   weight_decay=cfg.weight_decay, seed=seed, desc=f"teacher {cfg.arch}")
     ckpt = save_checkpoint(model, role="teacher", arch=arch, input_shape=dataset.input_shape, info={
-        "val_accuracy": hist["best_val_acc"], "history": hist, "data_hash": dataset.data_hash,
+        "val_accuracy": hist["best_val_acc"], "history": hist, "data_hash": dataset.data_hash, "tag": "teacher",
         "train_config": cfg.model_dump(mode="json"),
     })
     log.info("train_teacher: %s params %d MACs %d val acc %.4f", cfg.arch, ckpt.manifest["params"],
@@ -156,7 +169,7 @@ def distill_student(dataset, teacher_ckpt, cfg, seed: int = 0):
                temperature=cfg.kd.temperature, alpha=cfg.kd.alpha, desc=f"student {cfg.arch} (KD)")
     teacher_id = teacher_ckpt.content_hash[:12]
     ckpt = save_checkpoint(model, role="student", arch=arch, input_shape=dataset.input_shape, info={
-        "val_accuracy": hist["best_val_acc"], "history": hist, "prune_ratio": 0.0,
+        "val_accuracy": hist["best_val_acc"], "history": hist, "tag": "p0",
         "lineage": {"teacher": teacher_id}, "train_config": cfg.model_dump(mode="json"),
     })
     log.info("distill_student: %s params %d MACs %d val acc %.4f (teacher %s)", cfg.arch,

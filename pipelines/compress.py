@@ -4,7 +4,8 @@ so it compiles to Kubeflow as parallel branches as well as it runs on the local 
 
 from zenml import pipeline
 
-from edgeopt.config import RunConfig
+from edgeopt.config import SCHEMES_FOR_FORMAT, RunConfig
+from edgeopt.pretrained import file_sha256
 from steps import (
     deploy,
     distill_student,
@@ -12,16 +13,12 @@ from steps import (
     export,
     load_data,
     promote,
-    prune,
     quantize,
     select,
+    shrink,
     track,
     train_teacher,
 )
-
-
-def ratio_tag(ratio: float) -> str:
-    return f"p{round(ratio * 100)}"
 
 
 @pipeline
@@ -29,22 +26,26 @@ def compress(config: dict) -> None:
     cfg = RunConfig.model_validate(config)
     v = cfg.variants
     dataset = load_data(data=cfg.data.model_dump(mode="json"), seed=cfg.seed)
-    teacher = train_teacher(dataset, teacher=cfg.teacher.model_dump(mode="json"), seed=cfg.seed)
+    source = cfg.teacher.source
+    teacher = train_teacher(dataset, teacher=cfg.teacher.model_dump(mode="json"), seed=cfg.seed,
+                            source_sha256=file_sha256(source) if source else None)
     student = distill_student(dataset, teacher, student=cfg.student.model_dump(mode="json"), seed=cfg.seed)
     teacher_onnx = export(teacher, dataset, fmt="onnx", id="export_teacher_onnx")
     models = [teacher_onnx]
-    for ratio in v.prune_ratios:
-        tag = ratio_tag(ratio)
-        ckpt = student if ratio == 0 else prune(
-            student, teacher, dataset, ratio=ratio, prune=v.prune.model_dump(mode="json"), seed=cfg.seed,
-            id=f"prune_{tag}",
+    for method, amount, tag in v.shrinks():
+        ckpt = student if method == "none" else shrink(
+            student, teacher, dataset, method=method, amount=amount,
+            options=getattr(v, method).model_dump(mode="json"),
+            seed=cfg.seed, id=f"shrink_{tag}",
         )
         for fmt in v.formats:
             fp32 = export(ckpt, dataset, fmt=fmt, id=f"export_{tag}_{fmt}")
             for scheme in v.quantization:
+                if scheme not in SCHEMES_FOR_FORMAT[fmt]:
+                    continue
                 models.append(fp32 if scheme == "fp32" else quantize(
-                    fp32, dataset, scheme=scheme, calibration_samples=v.quant.calibration_samples,
-                    seed=cfg.seed, id=f"quantize_{tag}_{fmt}_{scheme}",
+                    fp32, dataset, scheme=scheme, quant=v.quant.model_dump(mode="json"), seed=cfg.seed,
+                    id=f"quantize_{tag}_{fmt}_{scheme}",
                 ))
     uri = cfg.tracking_uri()
     evaluation = evaluate(models, dataset, teacher, teacher_onnx, runtimes=list(v.runtimes),

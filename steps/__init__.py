@@ -5,11 +5,11 @@ from steps.deploy import deploy
 from steps.evaluate import evaluate
 from steps.promote import promote
 from steps.select import select
-from steps.shrink import export, prune, quantize
+from steps.shrink import export, quantize, shrink
 from steps.track import track
 from steps.train import distill_student, train_teacher
 
 __all__ = [
-    "deploy", "distill_student", "evaluate", "export", "load_data", "promote", "prune", "quantize",
-    "select", "track", "train_teacher",
+    "deploy", "distill_student", "evaluate", "export", "load_data", "promote", "quantize", "select",
+    "shrink", "track", "train_teacher",
 ]

@@ -3,17 +3,19 @@ from typing import Annotated
 from zenml import step
 
 from edgeopt.artifacts import Checkpoint, Dataset, ModelArtifact
-from edgeopt.config import PruneConfig
+from edgeopt.config import LowRankConfig, PruneConfig, QuantConfig, SparsityConfig
 from edgeopt.export import export_checkpoint
-from edgeopt.pruning import prune_student
+from edgeopt.pruning import shrink_student
 from edgeopt.quantization import quantize_model
 from materializers import CheckpointMaterializer, ModelArtifactMaterializer
 
 
 @step(output_materializers=CheckpointMaterializer)
-def prune(student: Checkpoint, teacher: Checkpoint, dataset: Dataset, ratio: float, prune: dict, seed: int) -> Annotated[Checkpoint, "pruned"]:
-    """Structured channel pruning (torch-pruning) + KD fine-tune."""
-    return prune_student(student, teacher, dataset, ratio, PruneConfig.model_validate(prune), seed)
+def shrink(student: Checkpoint, teacher: Checkpoint, dataset: Dataset, method: str, amount: float, options: dict,
+           seed: int) -> Annotated[Checkpoint, "shrunk"]:
+    """Structured pruning, low-rank factorization or unstructured sparsity, then a KD fine-tune."""
+    schema = {"prune": PruneConfig, "lowrank": LowRankConfig, "sparsity": SparsityConfig}[method]
+    return shrink_student(student, teacher, dataset, method, amount, schema.model_validate(options), seed)
 
 
 @step(output_materializers=ModelArtifactMaterializer)
@@ -23,6 +25,6 @@ def export(checkpoint: Checkpoint, dataset: Dataset, fmt: str) -> Annotated[Mode
 
 
 @step(output_materializers=ModelArtifactMaterializer)
-def quantize(model: ModelArtifact, dataset: Dataset, scheme: str, calibration_samples: int, seed: int) -> Annotated[ModelArtifact, "model"]:
-    """INT8 PTQ: ONNX Runtime static QDQ for ONNX, NNCF for OpenVINO IR."""
-    return quantize_model(model, scheme, dataset, calibration_samples, seed)
+def quantize(model: ModelArtifact, dataset: Dataset, scheme: str, quant: dict, seed: int) -> Annotated[ModelArtifact, "model"]:
+    """FP16 or INT8 (static ORT QDQ / NNCF PTQ, dynamic, accuracy-controlled) from the FP32 export."""
+    return quantize_model(model, scheme, dataset, QuantConfig.model_validate(quant), seed)

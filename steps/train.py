@@ -1,18 +1,20 @@
-from typing import Annotated
+from typing import Annotated, Optional
 
 from zenml import step
 
 from edgeopt.artifacts import Checkpoint, Dataset
-from edgeopt.config import StudentConfig, TrainConfig
+from edgeopt.config import StudentConfig, TeacherConfig
 from edgeopt.training import distill_student as _distill
 from edgeopt.training import train_teacher as _train
 from materializers import CheckpointMaterializer
 
 
 @step(output_materializers=CheckpointMaterializer)
-def train_teacher(dataset: Dataset, teacher: dict, seed: int) -> Annotated[Checkpoint, "teacher"]:
-    """Train the teacher from scratch (cached: a re-run with the same data and config reuses it)."""
-    return _train(dataset, TrainConfig.model_validate(teacher), seed)
+def train_teacher(dataset: Dataset, teacher: dict, seed: int, source_sha256: Optional[str] = None) -> Annotated[Checkpoint, "teacher"]:
+    """Train the teacher from scratch, or load the checkpoint/ONNX file the config names.
+
+    Cached: a re-run with the same data, config and teacher file (``source_sha256``) reuses it."""
+    return _train(dataset, TeacherConfig.model_validate(teacher), seed)
 
 
 @step(output_materializers=CheckpointMaterializer)

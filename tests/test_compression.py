@@ -7,11 +7,11 @@ import pytest
 from torch import nn
 
 from edgeopt.artifacts import ModelArtifact, model_or_failure
-from edgeopt.config import PruneConfig, TargetConfig
+from edgeopt.config import PruneConfig, QuantConfig, TargetConfig
 from edgeopt.evaluation import evaluate_variants
 from edgeopt.export import ParityError, check_parity, export_checkpoint
 from edgeopt.models import count_macs_params, load_checkpoint
-from edgeopt.pruning import prune_channels, prune_student
+from edgeopt.pruning import prune_channels, shrink_student
 from edgeopt.quantization import quantize_model
 from edgeopt.training import accuracy, kd_loss
 
@@ -48,7 +48,8 @@ def test_teacher_and_student_learn(digits, teacher_ckpt, student_ckpt):
 
 
 def test_structured_pruning_removes_channels_and_macs(digits, teacher_ckpt, student_ckpt):
-    pruned = prune_student(student_ckpt, teacher_ckpt, digits, 0.5, PruneConfig(finetune_epochs=2, lr=0.02), seed=0)
+    pruned = shrink_student(student_ckpt, teacher_ckpt, digits, "prune", 0.5, PruneConfig(finetune_epochs=2, lr=0.02),
+                            seed=0)
     before, after = load_checkpoint(student_ckpt), load_checkpoint(pruned)
     convs = lambda m: [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)]  # noqa: E731
     assert sum(convs(after)) <= 0.55 * sum(convs(before))
@@ -69,7 +70,7 @@ def test_export_parity_and_int8_quantization(digits, student_ckpt):
     assert not onnx_fp32.failed and not ir_fp32.failed
     assert onnx_fp32.manifest["parity_max_abs_diff"] < 1e-3 and ir_fp32.manifest["parity_max_abs_diff"] < 1e-3
 
-    onnx_int8 = quantize_model(onnx_fp32, "int8", digits, calibration_samples=32)
+    onnx_int8 = quantize_model(onnx_fp32, "int8", digits, QuantConfig(calibration_samples=32))
     graph = onnx.load(str(onnx_int8.model_file)).graph
     int8_inits = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert int8_inits and any(n.op_type == "QuantizeLinear" for n in graph.node)
@@ -77,7 +78,7 @@ def test_export_parity_and_int8_quantization(digits, student_ckpt):
     assert weight_bytes(graph) < 0.5 * weight_bytes(onnx.load(str(onnx_fp32.model_file)).graph)
     assert onnx_int8.model_bytes < 0.8 * onnx_fp32.model_bytes
 
-    ir_int8 = quantize_model(ir_fp32, "int8", digits, calibration_samples=32)
+    ir_int8 = quantize_model(ir_fp32, "int8", digits, QuantConfig(calibration_samples=32))
     ops = {op.get_type_name() for op in ov.Core().read_model(str(ir_int8.model_file)).get_ops()}
     assert "FakeQuantize" in ops
     bin_bytes = lambda a: a.manifest["files"]["model.bin"]["bytes"]  # noqa: E731 - the weights; .xml is the graph

@@ -32,7 +32,7 @@ def _with(path: str, value):
     ("teacher.archh", "x", "teacher.archh: unknown field"),
     ("variants.prune_ratios", [0.0, 1.5], "variants.prune_ratios.1"),
     ("variants.quantization", ["int4"], "variants.quantization.0"),
-    ("variants.formats", ["openvino"], "no format in ['openvino'] runs on any runtime"),
+    ("variants.formats", ["openvino"], "no variant: no format in ['openvino'] runs on a runtime"),
     ("target.threads", 0, "target.threads"),
     ("data.source", "imagefolder", "data.root is required"),
     ("data.root", "no/such/folder", "data.root: folder not found: no/such/folder"),

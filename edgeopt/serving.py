@@ -1,0 +1,447 @@
+"""Local inference server over a deploy folder: FastAPI served by uvicorn.
+
+    GET  /health     status + the bundle being served (the status alone without the token, if one is set)
+    GET  /metadata   version, variant, metrics, manifest, labels, runtime
+    POST /predict    an image (multipart field ``file``, repeatable) or ``{"inputs": [...]}`` as JSON,
+                     a normalized float tensor [N,C,H,W] or [C,H,W]; answers label, index and
+                     softmax probabilities per item
+
+The server serves ``<root>/current``. Every request reads the link (one ``readlink``); when it
+points at another bundle, that bundle is loaded and verified in a background thread while the
+old one goes on serving, and the reference is swapped under a lock once the new one is ready. A
+bundle that fails to load is reported in /health and the old one stays in service.
+
+Bad input is answered with a 4xx and ``{"detail": "<one line>"}``; the body size is checked
+against Content-Length and against the bytes really read. Binding anything but loopback needs a
+bearer token, which then guards every endpoint (/health shows its status alone without it).
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import ipaddress
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError, model_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, UploadFile
+
+from edgeopt.deploy import Bundle
+from edgeopt.runtimes import Predictor, make_predictor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_BATCH = 64
+MAX_IMAGE_PIXELS = 4096 * 4096  # checked before decoding: a small file can hold a huge image
+MIN_TOKEN_CHARS = 16
+JSON_TYPE, MULTIPART_TYPE = "application/json", "multipart/form-data"
+
+
+class ServeError(RuntimeError):
+    """The server cannot start (or a bundle cannot be served), phrased as one line for the user."""
+
+
+# ---------------------------------------------------------------------------------------------- bundles
+
+
+class _Preprocessing(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    input_shape: Tuple[PositiveInt, PositiveInt, PositiveInt]
+    mean: List[float]
+    std: List[Annotated[float, Field(gt=0)]]
+
+    @model_validator(mode="after")
+    def _per_channel(self):
+        c = self.input_shape[0]
+        if len(self.mean) != c or len(self.std) != c:
+            raise ValueError(f"mean and std need one value per channel ({c})")
+        return self
+
+
+class _RuntimeSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    runtime: str
+    threads: PositiveInt = 1
+
+
+_LABELS = TypeAdapter(Annotated[List[str], Field(min_length=1)])
+
+
+def _first_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    where = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
+
+
+@dataclass
+class LoadedBundle:
+    """A verified bundle with its predictor; immutable once built, so requests can share it."""
+
+    target: str  # what ``current`` pointed at when it was loaded, e.g. versions/<bundle>
+    bundle: Bundle
+    runtime: Dict[str, Any]
+    labels: List[str]
+    pre: _Preprocessing
+    predictor: Predictor
+    loaded_at: float = field(default_factory=time.time)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.bundle.path.name
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        return self.pre.input_shape
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """Softmax over the logits of a float32 [N,C,H,W] batch (one inference at a time per bundle;
+        in chunks the model takes, for a model exported with a fixed batch of one)."""
+        with self._lock:
+            logits = np.asarray(self.predictor.predict_batched(x), dtype=np.float64)
+        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+
+def _one_line(err: Exception, path: Path) -> str:
+    text = str(err).replace(f"{path}: ", "").strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def load_bundle(root: Path, target: str) -> LoadedBundle:
+    """Open, verify (sha256 of every file) and warm up ``root/target``; ServeError with one line if bad."""
+    path = Path(root) / target
+
+    def validated(what: str, validate, data):
+        try:
+            return validate(data)
+        except ValidationError as err:
+            raise ServeError(f"{path}: {what}: {_first_error(err)}") from None
+
+    try:
+        bundle = Bundle(path)
+        bundle.verify()
+        if "preprocessing" not in bundle.manifest:
+            raise ServeError(f"{path}: manifest.json has no 'preprocessing' (input_shape, mean, std)")
+        pre = validated("manifest.json preprocessing", _Preprocessing.model_validate, bundle.manifest["preprocessing"])
+        runtime = validated("runtime.json", _RuntimeSpec.model_validate_json, (path / "runtime.json").read_bytes())
+        labels = validated("labels.json", _LABELS.validate_json, (path / "labels.json").read_bytes())
+        predictor = make_predictor(runtime.runtime, bundle.model_file, runtime.threads)
+    except ServeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to open a bundle (I/O, JSON, runtime) is one line
+        raise ServeError(f"{path}: {_one_line(err, path)}") from None
+    try:
+        out = np.asarray(predictor(np.zeros((1, *pre.input_shape), np.float32)))
+    except Exception as err:  # noqa: BLE001 - the runtime's own error, kept as one line
+        raise ServeError(f"{path}: the model does not run on a [1,{','.join(map(str, pre.input_shape))}] input "
+                         f"(preprocessing.input_shape): {_one_line(err, path)}") from None
+    if out.shape != (1, len(labels)):
+        raise ServeError(f"{path}: the model outputs shape {list(out.shape)} for one input but labels.json "
+                         f"names {len(labels)} classes")
+    return LoadedBundle(target=target, bundle=bundle, runtime={**runtime.model_dump(), **predictor.settings},
+                        labels=labels, pre=pre, predictor=predictor)
+
+
+class ModelStore:
+    """The bundle in service, swapped for a newly deployed one once that one has loaded."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.link = self.root / "current"
+        if not self.root.is_dir():
+            raise ServeError(f"{self.root}: deploy folder not found")
+        target = self._read_link()
+        if target is None:
+            raise ServeError(f"{self.root}: no 'current' bundle (nothing deployed yet: run `python run.py run`)")
+        self.active = load_bundle(self.root, target)
+        self._lock = threading.Lock()
+        self._loader: Optional[threading.Thread] = None
+        self._failed: Optional[Tuple[str, str]] = None  # (target, error) of the last bundle that did not load
+
+    def _read_link(self) -> Optional[str]:
+        try:
+            return os.readlink(self.link)
+        except OSError:
+            return None
+
+    def get(self) -> LoadedBundle:
+        """The bundle for this request; starts loading a newly deployed one in the background."""
+        target = self._read_link()
+        active = self.active
+        if target is not None and target != active.target and (self._failed is None or self._failed[0] != target):
+            with self._lock:
+                if self._loader is None:
+                    self._loader = threading.Thread(target=self._load, args=(target,), name="edgeopt-reload",
+                                                    daemon=True)
+                    self._loader.start()
+        return active
+
+    def _load(self, target: str) -> None:
+        try:
+            loaded = load_bundle(self.root, target)
+        except ServeError as err:
+            log.error("reload failed, still serving %s: %s", self.active.name, err)
+            with self._lock:
+                self._failed, self._loader = (target, str(err)), None
+            return
+        with self._lock:
+            self.active, self._loader = loaded, None
+        log.info("reload: now serving %s (%s on %s)", loaded.name, loaded.bundle.manifest.get("variant"),
+                 loaded.runtime["runtime"])
+
+    def state(self) -> Dict[str, Any]:
+        """What /health reports: the bundle in service and whether ``current`` points elsewhere."""
+        target = self._read_link()
+        active, failed = self.active, self._failed
+        if target == active.target:
+            status, error = "ok", None
+        elif target is None:
+            status, error = "degraded", f"{self.link} is missing; serving the last bundle loaded"
+        elif failed is not None and failed[0] == target:
+            status, error = "degraded", failed[1]
+        else:
+            status, error = "loading", None
+        return {"status": status, "bundle": active.name, "version": active.bundle.manifest.get("version"),
+                "variant": active.bundle.manifest.get("variant"), "runtime": active.runtime["runtime"],
+                "loaded_at": active.loaded_at, "current": target, "error": error}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+_Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+_TENSORS = {3: TypeAdapter(List[List[List[_Finite]]]), 4: TypeAdapter(List[List[List[List[_Finite]]]])}
+
+
+class _TensorBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: List[Any]
+
+
+def _shape_text(shape: Tuple[int, int, int]) -> str:
+    return f"[N,{','.join(map(str, shape))}] or [{','.join(map(str, shape))}]"
+
+
+def tensor_from_json(body: bytes, shape: Tuple[int, int, int], max_batch: int) -> np.ndarray:
+    """``{"inputs": [...]}`` -> float32 [N,C,H,W]; HTTPException with a one-line reason if it is not that."""
+    try:
+        inputs = _TensorBody.model_validate_json(body).inputs
+    except ValidationError as err:
+        invalid_json = err.errors()[0]["type"] == "json_invalid"
+        raise HTTPException(400 if invalid_json else 422, f"body: {_first_error(err)}") from None
+    depth, node = 0, inputs
+    while isinstance(node, list):
+        depth += 1
+        if not node:
+            break
+        node = node[0]
+    if depth not in _TENSORS:
+        raise HTTPException(422, f"inputs: expected nested lists shaped {_shape_text(shape)}, got {depth} level(s)")
+    if depth == 4 and len(inputs) > max_batch:
+        raise HTTPException(413, f"inputs: batch of {len(inputs)} is larger than the limit {max_batch}")
+    try:
+        nested = _TENSORS[depth].validate_python(inputs)
+    except ValidationError as err:
+        e = err.errors()[0]
+        where = "".join(f"[{p}]" for p in e["loc"])
+        raise HTTPException(422, f"inputs{where}: {e['msg']}") from None
+    try:
+        with np.errstate(over="ignore"):  # a finite float64 beyond float32's range: reported below
+            x = np.array(nested, dtype=np.float32)
+    except ValueError:
+        raise HTTPException(422, "inputs: ragged nested lists (rows of different lengths)") from None
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(shape):
+        raise HTTPException(422, f"inputs: expected shape {_shape_text(shape)}, got {list(x.shape)}")
+    if not np.isfinite(x).all():
+        raise HTTPException(422, "inputs: values out of float32 range")
+    return x
+
+
+def tensor_from_images(images: List[bytes], pre: _Preprocessing) -> np.ndarray:
+    """Image files -> a normalized float32 [N,C,H,W] batch."""
+    return np.stack([tensor_from_image(data, pre) for data in images])
+
+
+def tensor_from_image(data: bytes, pre: _Preprocessing) -> np.ndarray:
+    """Image bytes -> one normalized [C,H,W] float32 tensor, as the training data was made."""
+    c, h, w = pre.input_shape
+    mode = {1: "L", 3: "RGB"}.get(c)
+    if mode is None:
+        raise HTTPException(422, f"this model takes {c}-channel input, which no image has; send a tensor")
+    if not data:
+        raise HTTPException(422, "file: empty upload")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise HTTPException(413, f"file: image of {im.width}x{im.height} pixels is larger than "
+                                         f"{MAX_IMAGE_PIXELS} pixels")
+            im = ImageOps.exif_transpose(im).convert(mode).resize((w, h), Image.BILINEAR)
+            x = np.asarray(im, dtype=np.float32) / 255.0
+    except HTTPException:
+        raise
+    except Exception as err:  # noqa: BLE001 - decoding untrusted bytes: any failure means "not an image"
+        raise HTTPException(422, f"file: not a readable image ({type(err).__name__})") from None
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
+    return ((x - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse bodies over ``max_bytes``, by Content-Length and by the bytes really read."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            reason = f"body of {declared} bytes is larger than the limit {self.max_bytes}"
+            await JSONResponse({"detail": reason}, 413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, f"body is larger than the limit {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _served(request: Request) -> LoadedBundle:
+    """The bundle for this request (a dependency): reading it also notices a redeploy."""
+    return request.app.state.store.get()
+
+
+Credentials = Annotated[Optional[HTTPAuthorizationCredentials], Depends(HTTPBearer(auto_error=False))]
+Served = Annotated[LoadedBundle, Depends(_served)]
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def create_app(root: Path, *, token: Optional[str] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
+    """The app over ``root`` (a deploy folder); loads and verifies the current bundle now (ServeError if bad)."""
+    store = ModelStore(root)
+    app = FastAPI(title="edgeopt", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.store = store
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+
+    def token_ok(creds: Optional[HTTPAuthorizationCredentials]) -> bool:
+        return token is None or (creds is not None and hmac.compare_digest(creds.credentials.encode(), token.encode()))
+
+    async def authorized(creds: Credentials) -> None:
+        if not token_ok(creds):
+            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; see the server log"}, 500)
+
+    @app.get("/health")
+    async def health(creds: Credentials) -> Dict[str, Any]:
+        """Status for anyone; with a token configured, the details only for its holders."""
+        store.get()
+        state = store.state()
+        return state if token_ok(creds) else {"status": state["status"]}
+
+    @app.get("/metadata", dependencies=[Depends(authorized)])
+    async def metadata(m: Served) -> Dict[str, Any]:
+        man = m.bundle.manifest
+        return {"bundle": m.name, "version": man.get("version"), "variant": man.get("variant"),
+                "registered_model": man.get("registered_model"), "metrics": man.get("metrics", {}),
+                "labels": m.labels, "input_shape": list(m.input_shape), "runtime": m.runtime,
+                "limits": {"max_body_bytes": max_body_bytes, "max_batch": max_batch}, "manifest": man}
+
+    @app.post("/predict", dependencies=[Depends(authorized)])
+    async def predict(request: Request, m: Served) -> Dict[str, Any]:
+        media = _media_type(request)
+        if media not in (JSON_TYPE, MULTIPART_TYPE):
+            raise HTTPException(415, f"Content-Type must be {JSON_TYPE} (a tensor) or {MULTIPART_TYPE} "
+                                     f"(an image in field 'file'), got {media or 'none'!r}")
+        body = await request.body()
+        if not body:
+            raise HTTPException(400, "empty body")
+        if media == JSON_TYPE:
+            make_batch = partial(tensor_from_json, body, m.input_shape, max_batch)
+        else:
+            form = await request.form(max_files=max_batch, max_fields=16)
+            uploads = form.getlist("file")
+            if not uploads:
+                raise HTTPException(422, "multipart body has no field 'file' (the image to classify)")
+            if not all(isinstance(u, UploadFile) for u in uploads):
+                raise HTTPException(422, "field 'file' must be a file upload, not a text field")
+            make_batch = partial(tensor_from_images, [await u.read() for u in uploads], m.pre)
+        probs = await run_in_threadpool(lambda: m.probabilities(make_batch()))
+        top = probs.argmax(axis=1)
+        return {"bundle": m.name, "version": m.bundle.manifest.get("version"),
+                "variant": m.bundle.manifest.get("variant"),
+                "predictions": [{"label": m.labels[int(i)], "index": int(i), "probability": float(p[i]),
+                                 "probabilities": p.tolist()} for i, p in zip(top, probs, strict=True)]}
+
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: Optional[str]) -> None:
+    """Refuse a weak token, and any non-loopback address without a token."""
+    if token is not None and len(token) < MIN_TOKEN_CHARS:
+        raise ServeError(f"the token must be at least {MIN_TOKEN_CHARS} characters")
+    if token is None and not is_loopback(host):
+        raise ServeError(f"refusing to serve on {host} (not loopback) without a token: set EDGEOPT_SERVE_TOKEN "
+                         f"or pass --token, or bind 127.0.0.1")
+
+
+def serve(root: Path, *, host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
+          access_log: bool = True) -> None:
+    """Check the address and the bundle, then serve until interrupted."""
+    token = token or None
+    check_bind(host, token)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    app = create_app(root, token=token, max_body_bytes=max_body_bytes, max_batch=max_batch)
+    log.info("serving %s from %s", app.state.store.active.name, root)
+    uvicorn.run(app, host=host, port=port, access_log=access_log, server_header=False, proxy_headers=False)
