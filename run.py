@@ -102,8 +102,8 @@ def validate(config: Path) -> None:
     cfg = _load(config)
     combos = cfg.variants.combinations()
     click.echo(f"{config}: ok ({len(combos)} student variants + the teacher baseline)")
-    for ratio, fmt, scheme, runtime in combos:
-        click.echo(f"  prune {ratio:.2f}  {scheme:5} {fmt:9} on {runtime}")
+    for tag, fmt, scheme, runtime in combos:
+        click.echo(f"  {tag}-{scheme}-{fmt}@{runtime}")
 
 
 @cli.command()

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Creates .venv inside the checkout and installs edgeopt with everything it needs.
+# Creates .venv inside the checkout and installs edgeopt with everything it needs (the [dev] test
+# tools and the [kubeflow] compiler that tests/test_kubeflow_compile.py uses, in one resolve).
 # Idempotent: re-running with an unchanged pyproject.toml does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+EXTRAS=dev,kubeflow
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.edgeopt-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$( (cat pyproject.toml; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "edgeopt: installing dependencies into .venv (first time: ~3-4 minutes, ~6.6 GB)" >&2
   # (this machine's pip config names local wheel folders that may be absent: drop those warnings)
   .venv/bin/python -m pip install --quiet --upgrade pip 2> >(grep -v "is ignored: it is neither" >&2)
-  .venv/bin/python -m pip install --quiet -e ".[dev]" 2> >(grep -v "is ignored: it is neither" >&2)
-  .venv/bin/python -c "import edgeopt, zenml, mlflow, torch, torchvision, onnxruntime, openvino, nncf, torch_pruning"
+  .venv/bin/python -m pip install --quiet -e ".[$EXTRAS]" 2> >(grep -v "is ignored: it is neither" >&2)
+  .venv/bin/python -c "import edgeopt, zenml, mlflow, torch, torchvision, onnxruntime, openvino, nncf, torch_pruning, kfp, selenium"
   echo "$want" > "$stamp"
 fi

@@ -4,5 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# tests/test_mlflow_ui.py drives Debian's chromium through chromedriver: install both from apt when
+# missing (once; a browser is never downloaded any other way). A failed install stops here.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  echo "edgeopt: installing chromium and chromium-driver (apt) for the MLflow UI test" >&2
+  as_root=()
+  [ "$(id -u)" -eq 0 ] || as_root=(sudo)
+  "${as_root[@]}" apt-get update -qq
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    chromium chromium-driver >/dev/null
+fi
 export ZENML_ANALYTICS_OPT_IN=false
 exec .venv/bin/python -m pytest "$@"

@@ -82,3 +82,12 @@ def test_cli_help_explains_commands():
     assert out.returncode == 0
     for word in ("run", "validate", "Pareto"):
         assert word in out.stdout
+
+
+def test_cli_validate_lists_the_variants():
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), "validate", "-c", str(ROOT / "configs" / "default.yaml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    assert f"ok ({len(cfg.variants.combinations())} student variants" in out.stdout
+    assert "p50-int8-openvino@openvino" in out.stdout
