@@ -36,7 +36,7 @@ def _with(path: str, value):
     ("target.threads", 0, "target.threads"),
     ("data.source", "imagefolder", "data.root is required"),
     ("data.root", "no/such/folder", "data.root: folder not found: no/such/folder"),
-    ("tracking.uri", "file:///tmp/x", "tracking.uri: MLflow 3 refuses file stores"),
+    ("tracking.uri", "file:./mlruns", "tracking.uri: MLflow 3 refuses file stores"),
     ("registry.name", "bad name!", "registry.name"),
     ("selection.objective", "vibes", "selection.objective"),
 ])
