@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -52,6 +53,20 @@ def isolated_state(prefix: str) -> Path:
     os.environ["ZENML_CONFIG_PATH"] = str(state / "zenml")
     tempfile.tempdir = str(state / "tmp")
     return state
+
+
+def run_isolated(args: argparse.Namespace, prefix: str, compare) -> int:
+    """``compare(args, state)`` in a fresh :func:`isolated_state`, removed afterwards unless
+    ``args.keep_state``."""
+    quiet()
+    state = isolated_state(prefix)
+    try:
+        return compare(args, state)
+    finally:
+        if args.keep_state:
+            print(f"state kept in {state}")
+        else:
+            shutil.rmtree(state, ignore_errors=True)
 
 
 def pipeline_config(raw: Dict[str, Any], state: Path, tag: str, source: str):

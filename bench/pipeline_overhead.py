@@ -30,7 +30,6 @@ Goal: ZenML + MLflow overhead (pipeline wall time / plain compute wall time - 1)
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -39,11 +38,10 @@ from typing import Dict, Tuple
 from _common import (
     argument_parser,
     fingerprint_line,
-    isolated_state,
     load_line,
     median,
     pipeline_config,
-    quiet,
+    run_isolated,
     silenced,
     span,
     verdict,
@@ -178,16 +176,7 @@ def pipeline_run(cfg, run_name: str) -> Dict[str, float]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    quiet()
-    state = isolated_state("edgeopt-bench-overhead-")
-    try:
-        return compare(args, state)
-    finally:
-        if args.keep_state:
-            print(f"state kept in {state}")
-        else:
-            shutil.rmtree(state, ignore_errors=True)
+    return run_isolated(parse_args(argv), "edgeopt-bench-overhead-", compare)
 
 
 def compare(args: argparse.Namespace, state: Path) -> int:

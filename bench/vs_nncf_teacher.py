@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -30,11 +29,10 @@ from _common import (
     ROOT,
     argument_parser,
     fingerprint_line,
-    isolated_state,
     load_line,
     median,
     pipeline_config,
-    quiet,
+    run_isolated,
     silenced,
     span,
     verdict,
@@ -68,16 +66,7 @@ def quick_overrides(raw: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    quiet()
-    state = isolated_state("edgeopt-bench-nncf-")
-    try:
-        return compare(args, state)
-    finally:
-        if args.keep_state:
-            print(f"state kept in {state}")
-        else:
-            shutil.rmtree(state, ignore_errors=True)
+    return run_isolated(parse_args(argv), "edgeopt-bench-nncf-", compare)
 
 
 def compare(args: argparse.Namespace, state: Path) -> int:
