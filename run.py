@@ -27,11 +27,21 @@ def _fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _load(config: Path):
+def _load(config: Path, preflight: bool = False):
+    """The validated config; with ``preflight``, also refuse a brought model edgeopt cannot take, before any work."""
     try:
-        return load_config(config)
+        cfg = load_config(config)
     except ConfigError as err:
         _fail(str(err))
+    if preflight:
+        from edgeopt.pretrained import PretrainedError
+        from edgeopt.pretrained import preflight as check_brought_model
+
+        try:
+            check_brought_model(cfg.teacher.onnx, cfg.data)
+        except PretrainedError as err:
+            _fail(str(err))
+    return cfg
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,7 +70,7 @@ def cli() -> None:
 def run(config: Path, no_cache: bool, run_name: str | None, zenml_config: Path | None, require_promotion: bool,
         report_dir: Path | None) -> None:
     """Run the compression pipeline on CONFIG and print the variants and the winner."""
-    cfg = _load(config)
+    cfg = _load(config, preflight=True)
     from pipelines.runner import output, run_pipeline
 
     t0 = time.perf_counter()
@@ -98,12 +108,18 @@ def _exit_now(code: int) -> None:
 @cli.command()
 @click.option("-c", "--config", "config", type=click.Path(path_type=Path), required=True, help="Run config (YAML).")
 def validate(config: Path) -> None:
-    """Validate CONFIG against the schema and print the variants it would build."""
-    cfg = _load(config)
-    combos = cfg.variants.combinations()
-    click.echo(f"{config}: ok ({len(combos)} student variants + the teacher baseline)")
-    for tag, fmt, scheme, runtime in combos:
-        click.echo(f"  {tag}-{scheme}-{fmt}@{runtime}")
+    """Validate CONFIG (and a brought ONNX model) and print the variants it would build."""
+    cfg = _load(config, preflight=True)
+    from edgeopt.plan import variant_plan
+
+    plan = variant_plan(cfg)
+    names = plan.names()
+    click.echo(f"{config}: ok ({len(names)} variants of {', '.join(cfg.variants.bases)}; "
+               f"reference {plan.reference_name})")
+    for name in names:
+        click.echo(f"  {name}")
+    for note in plan.notes:
+        click.echo(f"  note: {note}")
 
 
 @cli.command()

@@ -31,9 +31,7 @@ class Latency:
     mean_ms: float
     std_ms: float
     iterations: int
-
-    def as_dict(self) -> Dict[str, float]:
-        return dict(self.__dict__)
+    noise_pct: float  # half the spread of the per-round medians, in % of the median: the run's own noise
 
 
 def cpu_fingerprint() -> Dict[str, object]:
@@ -79,16 +77,19 @@ def int8_warning(fingerprint: Dict[str, object]) -> str | None:
     )
 
 
-def _summary(first: float, samples: List[float]) -> Latency:
-    a = np.asarray(samples) * 1e3
+def _summary(first: float, rounds: List[List[float]]) -> Latency:
+    a = np.concatenate([np.asarray(r) for r in rounds]) * 1e3
+    p50 = float(np.percentile(a, 50))
+    medians = [1e3 * float(np.median(r)) for r in rounds]
     return Latency(
         first_ms=first * 1e3,
-        p50_ms=float(np.percentile(a, 50)),
+        p50_ms=p50,
         p95_ms=float(np.percentile(a, 95)),
         p99_ms=float(np.percentile(a, 99)),
         mean_ms=float(a.mean()),
         std_ms=float(a.std()),
         iterations=len(a),
+        noise_pct=100 * (max(medians) - min(medians)) / 2 / p50 if p50 > 0 else 0.0,
     )
 
 
@@ -99,7 +100,8 @@ def measure(predictors: Dict[str, object], x: np.ndarray, warmup: int = 20, iter
     Each model gets ``iterations`` timed inferences, or, with ``time_budget_s``, as many as fit in
     that many seconds (at least one per round).
     """
-    first, samples = {}, {k: [] for k in predictors}
+    first: Dict[str, float] = {}
+    samples: Dict[str, List[List[float]]] = {k: [] for k in predictors}
     for name, p in predictors.items():
         t = time.perf_counter()
         p(x)
@@ -109,7 +111,8 @@ def measure(predictors: Dict[str, object], x: np.ndarray, warmup: int = 20, iter
     per_round = max(1, iterations // rounds)
     for _ in range(rounds):
         for name, p in predictors.items():
-            s = samples[name]
+            s: List[float] = []
+            samples[name].append(s)
             deadline = None if time_budget_s is None else time.perf_counter() + time_budget_s / rounds
             n = 0
             while (n < per_round) if deadline is None else (n == 0 or time.perf_counter() < deadline):

@@ -1,32 +1,30 @@
 """Evaluate every variant on the runtime it will run on, all in one process and one harness.
 
 Accuracy is measured on the test split through the real runtime (not torch); latency with the
-protocol in :mod:`edgeopt.benchmark`, interleaved across all variants and the teacher (torch eager),
-so every latency and every speedup in one evaluation is a same-run comparison.
+protocol in :mod:`edgeopt.benchmark`, interleaved across every variant, the reference (the brought
+or trained model in FP32 on the runtime that runs its ONNX file) and the current champion, so every
+latency and every speedup in one evaluation is a same-run comparison.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 from pydantic import BaseModel
 
-from edgeopt.artifacts import Checkpoint, Dataset, ModelArtifact
+from edgeopt.artifacts import Dataset, ModelArtifact
 from edgeopt.benchmark import cpu_fingerprint, int8_warning, measure
-from edgeopt.config import RUNTIMES_FOR_FORMAT, TargetConfig
-from edgeopt.models import load_checkpoint
-from edgeopt.runtimes import TorchPredictor, make_predictor
+from edgeopt.config import TargetConfig
+from edgeopt.runtimes import Predictor, make_predictor
 
 log = logging.getLogger(__name__)
-
-TEACHER_EAGER = "teacher@torch-eager"
 
 
 class VariantResult(BaseModel):
     variant: str
-    status: str  # ok | failed
+    status: Literal["ok", "failed"]
     reason: Optional[str] = None
     recipe: Dict[str, object] = {}
     lineage: Dict[str, Optional[str]] = {}
@@ -38,10 +36,22 @@ class VariantResult(BaseModel):
         return self.status == "ok"
 
 
+class Reference(BaseModel):
+    """What every variant is compared with, measured in the same loop."""
+
+    variant: str
+    accuracy: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    size_mb: float
+    params: float
+    output: str = "logits"
+
+
 class Evaluation(BaseModel):
     target: Dict[str, object]
     fingerprint: Dict[str, object]
-    teacher: Dict[str, float]
+    reference: Reference
     results: List[VariantResult]
     champion: Optional[VariantResult] = None
     champion_version: Optional[str] = None
@@ -58,25 +68,33 @@ def variant_name(model: ModelArtifact, runtime: str) -> str:
     return f"{model.variant}@{runtime}"
 
 
+def top1_accuracy(predictor: Predictor, dataset: Dataset, batch_size: int = 64) -> float:
+    """Top-1 on the test split, streamed in batches (a model with a fixed batch takes its own)."""
+    hits = sum(int((predictor.predict_batched(x).argmax(1) == y).sum()) for x, y in dataset.batches("test", batch_size))
+    return hits / dataset.size("test")
+
+
+def _timed(p: Predictor, batch: int) -> Callable[[np.ndarray], np.ndarray]:
+    """What the latency loop calls: the predictor itself, or its batching when its fixed batch differs."""
+    return p if p.fixed_batch in (None, batch) else p.predict_batched
+
+
 def evaluate_variants(
     models: List[ModelArtifact],
-    runtimes: List[str],
+    evaluations: Dict[str, List[str]],
     dataset: Dataset,
-    teacher: Checkpoint,
-    teacher_onnx: ModelArtifact,
+    reference: str,
     target: TargetConfig,
     champion: Optional[Tuple[ModelArtifact, str, str]] = None,
 ) -> Evaluation:
-    """Accuracy, latency (p50/p95/p99, first inference), size and params of every (model, runtime).
+    """Accuracy, latency (p50/p95/p99, first inference, noise), size and params of every (model, runtime)
+    named in ``evaluations`` (variant -> runtimes), relative to ``reference`` (``variant@runtime``).
 
     ``champion`` (model, registry version, runtime) is the current champion: it is measured in the
     same loop so that the challenger and it are compared on equal terms; it is not a candidate.
     """
-    x_test, y_test = dataset.split("test")
-    x_lat = np.ascontiguousarray(x_test[: target.batch])
-    teacher_pred = TorchPredictor(load_checkpoint(teacher), target.threads)
-    teacher_acc = float((teacher_pred.predict_batched(x_test).argmax(1) == y_test).mean())
-    predictors: Dict[str, object] = {TEACHER_EAGER: teacher_pred}
+    x_lat = np.ascontiguousarray(next(dataset.batches("test", target.batch))[0])
+    predictors: Dict[str, Predictor] = {}
 
     def measure_accuracy(name: str, m: ModelArtifact, rt: str) -> VariantResult:
         r = VariantResult(variant=name, status="ok", recipe={**m.manifest["recipe"], "runtime": rt},
@@ -85,61 +103,61 @@ def evaluate_variants(
             return r.model_copy(update={"status": "failed", "reason": m.manifest.get("reason")})
         try:
             p = make_predictor(rt, m.model_file, target.threads)
-            acc = float((p.predict_batched(x_test).argmax(1) == y_test).mean())
+            acc = top1_accuracy(p, dataset)
         except Exception as err:  # a broken variant is recorded, not fatal
             log.warning("evaluate: %s failed: %s", name, err)
             return r.model_copy(update={"status": "failed", "reason": f"{type(err).__name__}: {err}"[:500]})
         predictors[name] = p
         return r.model_copy(update={"runtime_settings": p.settings, "metrics": {
             "accuracy": acc,
-            "accuracy_drop": 100 * (teacher_acc - acc),
             "size_mb": m.model_bytes / 1e6,
             "params": float(m.manifest.get("params", 0)),
             "macs": float(m.manifest.get("macs", 0)),
         }})
 
-    results = {
-        variant_name(m, rt): measure_accuracy(variant_name(m, rt), m, rt)
-        for m in models for rt in runtimes if rt in RUNTIMES_FOR_FORMAT[m.format]
-    }
+    results = {variant_name(m, rt): measure_accuracy(variant_name(m, rt), m, rt)
+               for m in models for rt in evaluations.get(m.variant, [])}
+    if reference not in results or not results[reference].ok:
+        why = results[reference].reason if reference in results else "it was not built"
+        raise RuntimeError(f"the reference {reference} could not be measured: {why}")
     champ = None
     if champion is not None:
         model, version, rt = champion
         champ = measure_accuracy(f"champion-v{version}:{variant_name(model, rt)}", model, rt)
 
-    lat = measure(predictors, x_lat, warmup=target.warmup, iterations=target.iterations,
-                  time_budget_s=target.time_budget_s)
-    t_lat = lat[TEACHER_EAGER]
-    teacher_bytes = teacher_onnx.model_bytes
+    lat = measure({k: _timed(p, target.batch) for k, p in predictors.items()}, x_lat, warmup=target.warmup,
+                  iterations=target.iterations, time_budget_s=target.time_budget_s)
+    ref, ref_lat = results[reference].metrics, lat[reference]
     for r in [*results.values(), *([champ] if champ else [])]:
         if not r.ok:
             continue
         L = lat[r.variant]
         r.metrics.update({
+            "accuracy_drop": 100 * (ref["accuracy"] - r.metrics["accuracy"]),
             "latency_p50_ms": L.p50_ms, "latency_p95_ms": L.p95_ms, "latency_p99_ms": L.p99_ms,
             "latency_first_ms": L.first_ms, "latency_mean_ms": L.mean_ms, "latency_std_ms": L.std_ms,
-            "speedup_vs_teacher": t_lat.p50_ms / L.p50_ms,
-            "compression_ratio": teacher_bytes / (r.metrics["size_mb"] * 1e6),
+            "latency_noise_pct": L.noise_pct,
+            "speedup_vs_reference": ref_lat.p50_ms / L.p50_ms,
+            "compression_ratio": ref["size_mb"] / r.metrics["size_mb"],
         })
     fp = cpu_fingerprint()
-    warnings = [w for w in [int8_warning(fp)] if w and any(r.recipe.get("scheme") == "int8" for r in results.values())]
+    warnings = [w for w in [int8_warning(fp)] if w and any(str(r.recipe.get("scheme", "")).startswith("int8")
+                                                            for r in results.values())]
     for w in warnings:
         log.warning("evaluate: %s", w)
     ok = sum(r.ok for r in results.values())
+    ref_model = next(m for m in models if variant_name(m, reference.rpartition("@")[2]) == reference)
     log.info(
-        "evaluate: %d variants (%d ok, %d failed) on %s, %d thread(s), batch %d; teacher acc %.4f p50 %.3f ms (torch eager)",
-        len(results), ok, len(results) - ok, fp["cpu"], target.threads, target.batch, teacher_acc, t_lat.p50_ms,
+        "evaluate: %d variants (%d ok, %d failed) on %s, %d thread(s), batch %d; reference %s acc %.4f p50 %.3f ms",
+        len(results), ok, len(results) - ok, fp["cpu"], target.threads, target.batch, reference, ref["accuracy"],
+        ref_lat.p50_ms,
     )
     return Evaluation(
         target=target.model_dump(mode="json"),
         fingerprint=fp,
-        teacher={
-            "accuracy": teacher_acc,
-            "latency_p50_ms": t_lat.p50_ms,
-            "latency_p95_ms": t_lat.p95_ms,
-            "onnx_size_mb": teacher_bytes / 1e6,
-            "params": float(teacher.manifest["params"]),
-        },
+        reference=Reference(variant=reference, accuracy=ref["accuracy"], latency_p50_ms=ref_lat.p50_ms,
+                            latency_p95_ms=ref_lat.p95_ms, size_mb=ref["size_mb"], params=ref["params"],
+                            output=ref_model.manifest.get("output", "logits")),
         results=list(results.values()),
         champion=champ,
         champion_version=champion[1] if champion else None,

@@ -1,4 +1,10 @@
-"""Export a torch model to ONNX and to OpenVINO IR, each checked against torch for numeric parity."""
+"""Export a base (or shrunk) model to a format, checked against the model itself for numeric parity.
+
+Every format is reached through an FP32 ONNX file: a torch model is exported once with
+``torch.onnx.export`` (dynamic batch axis), a model brought as ONNX is used as it is; the format
+(``edgeopt.formats``) writes its own files from there, and its own runtime must reproduce the
+source model's outputs.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import openvino as ov
 import torch
 from torch import nn
 
+from edgeopt import formats
 from edgeopt.artifacts import Checkpoint, Dataset, ModelArtifact, model_or_failure, new_workdir
 from edgeopt.models import load_checkpoint
+from edgeopt.runtimes import make_predictor
 
 log = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-PARITY_ATOL = 1e-3  # FP32 export vs torch, max abs difference of logits
+PARITY_ATOL = 1e-3  # FP32 export vs the source model, max abs difference of the outputs
+PARITY_IMAGES = 16
 
 
 class ParityError(RuntimeError):
-    """An exported model does not compute what the torch model computes."""
+    """An exported model does not compute what the source model computes."""
 
 
 def export_onnx(model: nn.Module, input_shape, path: Path) -> Path:
@@ -42,66 +50,49 @@ def export_onnx(model: nn.Module, input_shape, path: Path) -> Path:
     return path
 
 
-def onnx_to_openvino(onnx_path: Path, xml_path: Path, compress_to_fp16: bool = False) -> Path:
-    """Convert an ONNX file to IR (``.xml`` + ``.bin``). FP32 weights unless ``compress_to_fp16``."""
-    ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=compress_to_fp16)
-    return xml_path
-
-
 def check_parity(model: nn.Module, predict, x: np.ndarray, atol: float = PARITY_ATOL) -> float:
-    """Max |logits_exported - logits_torch| on ``x``; raise ParityError above ``atol``."""
+    """Max |outputs_exported - outputs_source| on ``x``; raise ParityError above ``atol``."""
     with torch.inference_mode():
         ref = model.eval()(torch.from_numpy(x)).numpy()
     diff = float(np.abs(predict(x) - ref).max())
     if not diff <= atol:
-        raise ParityError(f"exported model differs from torch by {diff:.2e} (> {atol:.0e})")
+        raise ParityError(f"exported model differs from its source by {diff:.2e} (> {atol:.0e})")
     return diff
 
 
-def variant_id(tag: str, scheme: str, fmt: str) -> str:
-    """E.g. ``teacher-fp32-onnx``, ``p50-int8-openvino`` (a student pruned by 50 %), ``lr90-fp16-onnx``."""
-    return f"{tag}-{scheme}-{fmt}"
+def checkpoint_onnx(ckpt: Checkpoint, model: nn.Module, path: Path) -> Path:
+    """The FP32 ONNX file of a checkpoint: the brought file itself, or a fresh export of its torch model."""
+    if ckpt.onnx_file is not None:
+        return Path(shutil.copy2(ckpt.onnx_file, path))
+    return export_onnx(model, ckpt.manifest["input_shape"], path)
 
 
-def export_checkpoint(ckpt: Checkpoint, fmt: str, dataset: Dataset) -> ModelArtifact:
-    """FP32 export of a checkpoint to ``fmt`` ('onnx' or 'openvino'), parity-checked on val images."""
-    from edgeopt.runtimes import make_predictor
-
-    tag = ckpt.manifest.get("tag", ckpt.role)
-    variant = variant_id(tag, "fp32", fmt)
-    recipe = {"role": ckpt.role, "shrink": tag, **ckpt.manifest.get("shrink", {}), "scheme": "fp32", "format": fmt}
+def export_checkpoint(ckpt: Checkpoint, fmt: str, dataset: Dataset, variant: str) -> ModelArtifact:
+    """FP32 export of a checkpoint to ``fmt``, named ``variant``, parity-checked on val images."""
+    f = formats.get(fmt)
+    m = ckpt.manifest
+    base = m.get("base", m["role"])
+    recipe = {"base": base, "role": m["role"], "shrink": m["tag"] if "shrink" in m else "none", **m.get("shrink", {}),
+              "scheme": "fp32", "format": fmt}
     own = ckpt.content_hash[:12]
-    lineage = {**ckpt.manifest.get("lineage", {}), ckpt.role: own, "parent": f"{ckpt.role}:{own}"}
+    lineage = {**m.get("lineage", {}), m["role"]: own, "parent": f"{m['role']}:{own}", "base": base}
 
     def build() -> ModelArtifact:
+        if not m.get("learned", True):
+            raise RuntimeError(f"skipped: {m.get('reason') or f'the {base} did not learn'} "
+                               f"(val acc {m.get('val_accuracy', float('nan')):.3f})")
         model = load_checkpoint(ckpt)
         out = new_workdir(variant)
-        x_val = dataset.split("val")[0][:64]
-
-        def to_onnx(path: Path) -> Path:  # a teacher brought as ONNX is already exported
-            if ckpt.manifest.get("format") == "onnx":
-                return Path(shutil.copy2(ckpt.path / "model.onnx", path))
-            return export_onnx(model, ckpt.manifest["input_shape"], path)
-
-        if fmt == "onnx":
-            to_onnx(out / "model.onnx")
-            runtime = "onnxruntime"
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                onnx_to_openvino(to_onnx(Path(tmp) / "model.onnx"), out / "model.xml")
-            runtime = "openvino"
-        diff = check_parity(model, make_predictor(runtime, out / ("model.onnx" if fmt == "onnx" else "model.xml")), x_val)
+        with tempfile.TemporaryDirectory() as tmp:
+            model_file = f.from_onnx(checkpoint_onnx(ckpt, model, Path(tmp) / "model.onnx"), out)
+        x_val = next(dataset.batches("val", PARITY_IMAGES))[0]
+        diff = check_parity(model, make_predictor(f.native_runtime, model_file).predict_batched, x_val)
         art = ModelArtifact.write(out, {
             "variant": variant, "format": fmt, "status": "ok", "recipe": recipe, "lineage": lineage,
-            "params": ckpt.manifest["params"], "macs": ckpt.manifest["macs"], "input_shape": ckpt.manifest["input_shape"],
-            "parity_max_abs_diff": diff, "opset": _opset(out / "model.onnx") if fmt == "onnx" else None,
+            "params": m["params"], "macs": m["macs"], "input_shape": m["input_shape"],
+            "output": m.get("output", "logits"), "parity_max_abs_diff": diff, **f.describe(model_file),
         })
         log.info("export: %s %.1f kB (parity %.1e)", variant, art.model_bytes / 1e3, diff)
         return art
 
     return model_or_failure(build, variant=variant, fmt=fmt, recipe=recipe, lineage=lineage)
-
-
-def _opset(path: Path) -> int:
-    m = onnx.load(str(path), load_external_data=False)
-    return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))

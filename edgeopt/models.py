@@ -19,6 +19,7 @@ from torch import nn
 from edgeopt.artifacts import Checkpoint, new_workdir
 from edgeopt.config import ARCHITECTURE_NAMES
 from edgeopt.lowrank import apply_lowrank_plan
+from edgeopt.runtimes.torch import OnnxModule
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -136,10 +137,8 @@ def save_checkpoint(model: nn.Module, *, role: str, arch: Dict[str, Any], input_
 def load_checkpoint(ckpt: Checkpoint | Path) -> nn.Module:
     """Rebuild the architecture and load the weights (``weights_only=True``: no code is unpickled)."""
     ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint(ckpt)
-    if ckpt.manifest.get("format") == "onnx":  # a teacher brought as an ONNX file
-        from edgeopt.pretrained import OnnxModule
-
-        return OnnxModule(ckpt.path / "model.onnx")
+    if ckpt.onnx_file is not None:  # a model brought as an ONNX file
+        return OnnxModule(ckpt.onnx_file)
     a = ckpt.manifest["arch"]
     model = build_model(a["name"], a["num_classes"], a["in_channels"], a["width"])
     apply_lowrank_plan(model, ckpt.manifest.get("lowrank_plan", {}))

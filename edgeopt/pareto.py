@@ -6,7 +6,7 @@ constraint, dominated by another, on the front) and the winner comes with the re
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional
 
 from pydantic import BaseModel
 
@@ -17,7 +17,7 @@ FRONT_METRICS = [("accuracy", +1), ("latency_p50_ms", -1), ("size_mb", -1)]
 
 class Verdict(BaseModel):
     variant: str
-    status: str  # failed | infeasible | dominated | front
+    status: Literal["failed", "infeasible", "dominated", "front"]
     reasons: List[str] = []
 
 
@@ -39,6 +39,15 @@ def _dominates(a: dict, b: dict) -> bool:
     return better_or_equal and strictly
 
 
+def _tied(a: dict, b: dict, metric: str) -> bool:
+    """Whether two p50 latencies differ by less than the noise measured on them in the same run
+    (only latency carries a noise estimate; accuracy and size ties are exact)."""
+    if metric != "latency_p50_ms":
+        return a[metric] == b[metric]
+    noise = max(a.get("latency_noise_pct", 0.0), b.get("latency_noise_pct", 0.0)) / 100
+    return abs(a[metric] - b[metric]) <= noise * min(a[metric], b[metric])
+
+
 def violations(m: dict, constraints: Dict[str, Optional[float]]) -> List[str]:
     out = []
     if constraints.get("max_accuracy_drop") is not None and m["accuracy_drop"] > constraints["max_accuracy_drop"]:
@@ -54,7 +63,9 @@ def select(metrics: Dict[str, Optional[dict]], constraints: Dict[str, Optional[f
     """``metrics``: variant -> its measured metrics, or None for a variant that failed.
 
     The front is computed among the variants that meet every constraint; the winner is the front's
-    best at ``objective``, ties broken by the other two metrics (accuracy, latency, size order).
+    best at ``objective``. Variants whose p50 latencies are within the noise measured in the run count
+    as tied: the smallest of them wins, then the one with fewer MACs, so that a re-run of the same
+    config promotes the same variant.
     """
     verdicts: Dict[str, Verdict] = {}
     feasible = {}
@@ -79,13 +90,20 @@ def select(metrics: Dict[str, Optional[dict]], constraints: Dict[str, Optional[f
     else:
         tiebreak = [metric] + [m for m, _ in FRONT_METRICS if m != metric]
         senses = dict(FRONT_METRICS)
-        winner = min(front, key=lambda n: tuple(-senses[k] * feasible[n][k] for k in tiebreak) + (n,))
+        best = min(front, key=lambda n: tuple(-senses[k] * feasible[n][k] for k in tiebreak) + (n,))
+        ties = [n for n in front if n == best or _tied(feasible[n], feasible[best], metric)]
+        winner = min(ties, key=lambda n: (feasible[n]["size_mb"], feasible[n].get("macs", 0.0), n))
         w = feasible[winner]
         runner = sorted((n for n in front if n != winner), key=lambda n: -sense * feasible[n][metric])
         reason = (
             f"{winner} is on the Pareto front of the {len(feasible)} feasible variants "
             f"and has the best {objective} ({metric}={w[metric]:.4g})"
         )
+        if len(ties) > 1:
+            noise = max(feasible[n].get("latency_noise_pct", 0.0) for n in ties)
+            reason = (f"{winner} ties on {objective} with {', '.join(sorted(n for n in ties if n != winner))} within "
+                      f"the measured noise (±{noise:.1f} %) and is the smallest of them (then fewest MACs), so the "
+                      f"same config promotes the same variant run after run")
         if runner:
             reason += f"; next best on the front: {runner[0]} ({metric}={feasible[runner[0]][metric]:.4g})"
     order = {"front": 0, "dominated": 1, "infeasible": 2, "failed": 3}

@@ -1,68 +1,145 @@
-"""Bring your own teacher: a local state dict (``.pt``/``.pth``, loaded with ``weights_only=True``,
-or ``.safetensors``) for a named architecture, or an ONNX file.
+"""The model a user brings: a local state dict (``.pt``/``.pth``, loaded with ``weights_only=True``,
+or ``.safetensors``) for a named architecture, or any single-input image classifier in ONNX.
 
-Nothing is downloaded and no code is unpickled. Mismatches (wrong architecture, wrong number of
-classes, wrong input shape) fail with one line naming the file and what differs.
+Nothing is downloaded and no code is unpickled. An ONNX file is inspected before any work
+(:func:`inspect_onnx`: opset 13-21, one float32 NCHW input, fixed or dynamic batch, any names, an
+output of [N, classes], no custom operators) and what edgeopt cannot take is refused in one line
+naming the file and the reason. Whether it outputs logits or probabilities is detected on real
+images and recorded, so that KD, evaluation, reports and serving treat it right.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
-import torch
-from torch import nn
 
-from edgeopt.artifacts import Checkpoint, new_workdir
-from edgeopt.config import PROJECT_ROOT
+from edgeopt.artifacts import Checkpoint, new_workdir, sha256_file
+from edgeopt.config import DataConfig, resolve_path
 
 log = logging.getLogger(__name__)
+
+OPSETS = range(13, 22)
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+FLOAT32 = 1  # onnx.TensorProto.FLOAT
+Dim = Union[int, str]
 
 
 class PretrainedError(ValueError):
     """A user-supplied model file does not fit; the message names the file."""
 
 
-def resolve(path: Path) -> Path:
-    return path if path.is_absolute() else PROJECT_ROOT / path
-
-
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(resolve(path), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(resolve_path(path))
 
 
-class OnnxModule(nn.Module):
-    """An ONNX model behind the nn.Module interface (inference only), so an ONNX teacher can
-    distill a student and be measured like any other teacher. Runs on ONNX Runtime."""
+@dataclass(frozen=True)
+class OnnxInfo:
+    input_name: str
+    input_dims: List[Dim]
+    output_name: str
+    output_dims: List[Dim]
+    opset: int
+    params: int
 
-    def __init__(self, path: Path, threads: int = 0):
-        super().__init__()
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = x.detach().cpu().numpy().astype(np.float32, copy=False)
-        step = self.fixed_batch or len(a)
-        out = [self.session.run(None, {self.input_name: a[i : i + step]})[0] for i in range(0, len(a), step)]
-        return torch.from_numpy(np.concatenate(out))
+    @property
+    def fixed_batch(self) -> Optional[int]:
+        return self.input_dims[0] if isinstance(self.input_dims[0], int) else None
 
 
-def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+def _dims(value_info) -> List[Dim]:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value_info.type.tensor_type.shape.dim]
+
+
+def inspect_onnx(path: Path, input_shape: Optional[Sequence[Optional[int]]] = None,
+                 num_classes: Optional[int] = None) -> OnnxInfo:
+    """Check that ``path`` is an image classifier edgeopt can take, for images of ``input_shape``
+    ([C, H, W]; None where not known yet) and ``num_classes`` classes; raise PretrainedError otherwise."""
+    import onnx
+
+    path = resolve_path(path)
+
+    def refuse(reason: str):
+        raise PretrainedError(f"{path}: {reason}")
+
+    try:
+        m = onnx.load(str(path))
+        onnx.checker.check_model(m)
+    except Exception as err:  # noqa: BLE001 - any parse/check error is the same answer for the user
+        refuse(f"not a valid ONNX model ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})")
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset not in OPSETS:
+        refuse(f"opset {opset} is not supported (edgeopt takes opsets {OPSETS.start} to {OPSETS.stop - 1}; "
+               f"re-export with opset_version=17)")
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in m.graph.node if n.domain not in KNOWN_DOMAINS})
+    if custom:
+        refuse(f"custom operator {custom[0]}" + (f" (+{len(custom) - 1} more)" if len(custom) > 1 else "")
+               + ": the runtimes cannot run it")
+    initializers = {i.name for i in m.graph.initializer}
+    inputs = [i for i in m.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        refuse(f"{len(inputs)} inputs ({', '.join(i.name for i in inputs)}): edgeopt takes single-input image classifiers")
+    inp = inputs[0]
+    elem = inp.type.tensor_type.elem_type
+    if elem != FLOAT32:
+        refuse(f"input '{inp.name}' is {onnx.TensorProto.DataType.Name(elem).lower()}: edgeopt feeds float32 "
+               f"normalized images (NCHW); move the cast and normalization out of the model")
+    dims = _dims(inp)
+    if len(dims) != 4:
+        refuse(f"input '{inp.name}' has shape {dims}: expected an image batch [N, C, H, W]")
+    if isinstance(dims[3], int) and dims[3] in (1, 3) and not (isinstance(dims[1], int) and dims[1] in (1, 3)):
+        refuse(f"input '{inp.name}' {dims} looks channels-last (NHWC): edgeopt feeds NCHW; re-export with the "
+               f"channels first")
+    if input_shape is not None:
+        for axis, (have, want) in enumerate(zip(dims[1:], input_shape), start=1):
+            if isinstance(have, int) and want is not None and have != want:
+                refuse(f"input '{inp.name}' {dims} does not fit the data's images [N, "
+                       f"{', '.join(str(w) if w else '?' for w in input_shape)}] (axis {axis}: {have} vs {want})")
+    outputs = list(m.graph.output)
+    out_dims = _dims(outputs[0])
+    if len(out_dims) != 2:
+        refuse(f"output '{outputs[0].name}' has shape {out_dims}: expected [N, classes] (logits or probabilities)")
+    if num_classes is not None and isinstance(out_dims[1], int) and out_dims[1] != num_classes:
+        refuse(f"output '{outputs[0].name}' has {out_dims[1]} classes; the dataset has {num_classes}")
+    params = sum(int(np.prod(t.dims)) for t in m.graph.initializer)
+    return OnnxInfo(inp.name, dims, outputs[0].name, out_dims, opset, params)
+
+
+def expected_input(data: DataConfig) -> tuple[List[Optional[int]], Optional[int]]:
+    """([C, H, W], classes) of the images a config will load, as far as known without reading them."""
+    if data.source == "digits":
+        h, w = data.image_size or (8, 8)
+        return [1, h, w], 10
+    root = resolve_path(data.root)
+    split = root / "train" if (root / "train").is_dir() and (root / "test").is_dir() else root
+    classes = [p for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    h, w = data.image_size or (None, None)
+    return [1 if data.grayscale else 3, h, w], len(classes)
+
+
+def preflight(teacher_onnx: Optional[Path], data: DataConfig) -> Optional[OnnxInfo]:
+    """Refuse a brought ONNX model that edgeopt cannot take, before any data is loaded or trained."""
+    if teacher_onnx is None:
+        return None
+    shape, classes = expected_input(data)
+    return inspect_onnx(teacher_onnx, shape, classes)
+
+
+def output_kind(outputs: np.ndarray) -> str:
+    """'probabilities' when every row is non-negative and sums to 1 (a softmax inside the model), else 'logits'."""
+    rows = outputs.astype(np.float64)
+    if rows.min() >= 0 and np.allclose(rows.sum(axis=1), 1.0, atol=1e-3):
+        return "probabilities"
+    return "logits"
+
+
+def _read_state_dict(path: Path) -> Dict:
+    import torch
+
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -78,11 +155,11 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_state_dict_teacher(path: Path, arch: Dict, input_shape) -> nn.Module:
+def load_state_dict_teacher(path: Path, arch: Dict, input_shape):
     """Build ``arch`` and load the state dict at ``path`` strictly; explain any mismatch."""
     from edgeopt.models import build_model
 
-    path = resolve(path)
+    path = resolve_path(path)
     model = build_model(arch["name"], arch["num_classes"], arch["in_channels"], arch["width"])
     state = _read_state_dict(path)
     own = model.state_dict()
@@ -106,27 +183,32 @@ def load_state_dict_teacher(path: Path, arch: Dict, input_shape) -> nn.Module:
     return model.eval()
 
 
-def onnx_teacher(path: Path, input_shape, num_classes: int) -> Checkpoint:
-    """Wrap an ONNX teacher as a Checkpoint folder (``model.onnx``); check its input and output."""
-    import onnx
+def onnx_teacher(path: Path, dataset) -> Checkpoint:
+    """Wrap a brought ONNX model as a Checkpoint folder (``model.onnx``), after checking it against the
+    dataset and running it on validation images (which also tells logits from probabilities)."""
+    from edgeopt.runtimes import make_predictor
 
-    path = resolve(path)
+    path = resolve_path(path)
+    num_classes = len(dataset.classes)
+    info = inspect_onnx(path, dataset.input_shape, num_classes)
+    x = next(dataset.batches("val", 32))[0]
     try:
-        m = onnx.load(str(path))
-        onnx.checker.check_model(m)
-    except Exception as err:
-        raise PretrainedError(f"{path}: not a valid ONNX model ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    dims = [d.dim_value or d.dim_param for d in m.graph.input[0].type.tensor_type.shape.dim]
-    if len(dims) != 4 or any(isinstance(d, int) and d != want for d, want in zip(dims[1:], input_shape)):
-        raise PretrainedError(f"{path}: input shape {dims} does not fit the data's [N, {', '.join(map(str, input_shape))}]")
-    out = OnnxModule(path)(torch.zeros(1, *input_shape))
-    if out.shape != (1, num_classes):
-        raise PretrainedError(f"{path}: output shape {list(out.shape)} does not fit {num_classes} classes")
-    params = sum(int(np.prod(t.dims)) for t in m.graph.initializer)
+        out = make_predictor("onnxruntime", path).predict_batched(x)
+    except Exception as err:  # noqa: BLE001 - what ORT says is the reason
+        raise PretrainedError(f"{path}: ONNX Runtime cannot run it ({type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0][:200]})") from None
+    if out.shape != (len(x), num_classes):
+        raise PretrainedError(f"{path}: output shape {list(out.shape)[1:]} does not fit {num_classes} classes")
+    kind = output_kind(out)
     out_dir = new_workdir("teacher")
     shutil.copy2(path, out_dir / "model.onnx")
+    batch = f"fixed batch {info.fixed_batch}" if info.fixed_batch else "dynamic batch"
+    log.info("brought ONNX model %s: input '%s' %s (%s), output '%s' %s (%s), opset %d, %d params", path.name,
+             info.input_name, info.input_dims, batch, info.output_name, info.output_dims, kind, info.opset, info.params)
     return Checkpoint.write(out_dir, {
-        "role": "teacher", "tag": "teacher", "format": "onnx", "source": str(path), "source_sha256": file_sha256(path),
-        "arch": {"name": "onnx", "num_classes": num_classes, "in_channels": input_shape[0], "width": 0},
-        "input_shape": list(input_shape), "params": params, "macs": 0,
+        "role": "teacher", "base": "teacher", "source": str(path), "source_sha256": sha256_file(path),
+        "arch": {"name": "onnx", "num_classes": num_classes, "in_channels": dataset.input_shape[0], "width": 0},
+        "input_shape": list(dataset.input_shape), "params": info.params, "macs": 0, "output": kind,
+        "onnx": {"input": info.input_name, "output": info.output_name, "input_dims": info.input_dims,
+                 "fixed_batch": info.fixed_batch, "opset": info.opset},
     })

@@ -1,21 +1,14 @@
-"""Shrinking the student: structured channel pruning, low-rank factorization, unstructured sparsity.
+"""Pruning on torch models: structured channel pruning (torch-pruning) and unstructured magnitude
+sparsity (``torch.nn.utils.prune``). The techniques that use them (``edgeopt.techniques.prune``,
+``edgeopt.techniques.sparsity``) add the options and the KD fine-tune; these functions are usable
+alone from a notebook::
 
-Each technique changes the model, then a KD fine-tune from the teacher recovers the accuracy:
-
-- ``prune``: torch-pruning (DepGraph) removes whole channels, so the model is physically smaller.
-  Coupled channels (residual adds, depthwise convs) are removed together; the classifier's outputs
-  are never pruned.
-- ``lowrank``: truncated-SVD factorization of Linear and Conv layers (:mod:`edgeopt.lowrank`).
-- ``sparsity``: magnitude pruning of single weights; the zeros stay in dense tensors, so the model
-  is smaller only once compressed, which the checkpoint's sparsity report measures.
-
-Usable from a notebook::
-
-    shrunk = shrink_student(student, teacher, dataset, "lowrank", 0.9, LowRankConfig())
+    prune_channels(model, (3, 224, 224), num_classes=10, ratio=0.5, importance="l2")
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import zlib
 from typing import Dict, List, Optional, Sequence, Tuple, get_args
@@ -26,16 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from edgeopt.artifacts import Checkpoint, Dataset
-from edgeopt.config import FinetuneConfig, LowRankConfig, PruneConfig, SparsityConfig
-from edgeopt.lowrank import factorize_lowrank
-from edgeopt.models import count_macs_params, load_checkpoint, save_checkpoint
-from edgeopt.training import fit, seed_everything
+from edgeopt.artifacts import Dataset
+from edgeopt.models import count_macs_params
+from edgeopt.techniques.prune import PruneOptions
 
 log = logging.getLogger(__name__)
 
-SHRINK_METHODS = ("prune", "lowrank", "sparsity")
-IMPORTANCES = get_args(PruneConfig.model_fields["importance"].annotation)  # l1, l2, taylor, bn_scale, fpgm, random
+IMPORTANCES = get_args(PruneOptions.model_fields["importance"].annotation)  # l1, l2, taylor, bn_scale, fpgm, random
 TAYLOR_BATCHES, TAYLOR_BATCH_SIZE = 4, 64  # train batches whose gradients score channels for ``taylor``
 
 
@@ -162,69 +152,8 @@ def sparsity_report(sparse: nn.Module, dense: nn.Module) -> Dict:
     }
 
 
-def _taylor_batches(dataset: Dataset, seed: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    x, y = dataset.split("train")
-    idx = np.random.default_rng(seed).permutation(len(x))[: TAYLOR_BATCHES * TAYLOR_BATCH_SIZE]
-    return [
-        (torch.from_numpy(x[idx[i : i + TAYLOR_BATCH_SIZE]]), torch.from_numpy(y[idx[i : i + TAYLOR_BATCH_SIZE]]))
-        for i in range(0, len(idx), TAYLOR_BATCH_SIZE)
-    ]
-
-
-def _kd_finetune(model: nn.Module, student_ckpt: Checkpoint, teacher_ckpt: Checkpoint, dataset: Dataset,
-                 cfg: FinetuneConfig, seed: int, desc: str) -> Optional[float]:
-    """KD fine-tune with the student's own temperature and alpha; returns the best val accuracy."""
-    if not cfg.finetune_epochs:
-        return None
-    train = student_ckpt.manifest["train_config"]
-    hist = fit(model, dataset, epochs=cfg.finetune_epochs, batch_size=train["batch_size"], lr=cfg.lr, seed=seed,
-               teacher=load_checkpoint(teacher_ckpt), temperature=train["kd"]["temperature"],
-               alpha=train["kd"]["alpha"], desc=f"{desc} KD fine-tune")
-    return hist["best_val_acc"]
-
-
-def shrink_student(student_ckpt: Checkpoint, teacher_ckpt: Checkpoint, dataset: Dataset, method: str,
-                   amount: float, cfg: PruneConfig | LowRankConfig | SparsityConfig, seed: int = 0) -> Checkpoint:
-    """Shrink the student with ``method``, then KD fine-tune it from the teacher.
-
-    - ``prune``: remove ``amount`` of the channels (``cfg``: PruneConfig); tag ``p50``; amount 0
-      (or method ``none``) returns the student itself.
-    - ``lowrank``: factorize layers keeping ``amount`` of their singular-value energy
-      (``cfg``: LowRankConfig); tag ``lr90``; the plan ``{layer: rank}`` is in the manifest.
-    - ``sparsity``: zero ``amount`` of the weights by magnitude (``cfg``: SparsityConfig); tag
-      ``sp50``; the manifest holds the measured sparsity and the compressed-size saving.
-
-    The Checkpoint records MACs and params before and after, the options and the lineage.
-    """
-    if method == "none" or (method == "prune" and amount == 0):
-        return student_ckpt
-    if method not in SHRINK_METHODS:
-        raise ValueError(f"unknown shrink method {method!r}; expected one of none, {', '.join(SHRINK_METHODS)}")
-    seed_everything(seed)
-    model = load_checkpoint(student_ckpt)
-    manifest = student_ckpt.manifest
-    shape, num_classes = manifest["input_shape"], manifest["arch"]["num_classes"]
-    tag = {"prune": "p", "lowrank": "lr", "sparsity": "sp"}[method] + str(round(amount * 100))
-    if method == "prune":
-        prune_channels(model, shape, num_classes, amount, cfg.importance, global_pruning=cfg.global_pruning,
-                       iterative_steps=cfg.iterative_steps,
-                       gradient_batches=_taylor_batches(dataset, seed) if cfg.importance == "taylor" else None)
-        role, info = "pruned", {"prune_ratio": amount, "importance": cfg.importance,
-                                "global_pruning": cfg.global_pruning, "iterative_steps": cfg.iterative_steps}
-    elif method == "lowrank":
-        plan = factorize_lowrank(model, amount, cfg.min_params_saved, exclude=output_layers(model, num_classes))
-        role, info = "lowrank", {"lowrank_plan": plan, "energy": amount, "min_params_saved": cfg.min_params_saved}
-    else:
-        masked = sparsify(model, amount, cfg.global_pruning)
-    val_acc = _kd_finetune(model, student_ckpt, teacher_ckpt, dataset, cfg, seed, f"{method} {amount:.2f}")
-    if method == "sparsity":
-        bake_sparsity(masked)  # after the fine-tune, which trained through the mask: the zeros stay zeros
-        role, info = "sparse", {"sparsity": sparsity_report(model, load_checkpoint(student_ckpt)),
-                                "global_pruning": cfg.global_pruning}
-    lineage = {**manifest["lineage"], "student": student_ckpt.content_hash[:12]}
-    return save_checkpoint(model, role=role, arch=manifest["arch"], input_shape=shape, info={
-        "tag": tag, "shrink": {"method": method, "amount": amount}, **info,
-        "finetune_epochs": cfg.finetune_epochs, "finetune_lr": cfg.lr, "val_accuracy": val_acc,
-        "macs_before": manifest["macs"], "params_before": manifest["params"], "lineage": lineage,
-        "train_config": manifest["train_config"],
-    })
+def taylor_batches(dataset: Dataset, seed: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """A few shuffled train batches whose gradients score channels for ``taylor`` importance."""
+    batches = dataset.batches("train", TAYLOR_BATCH_SIZE, shuffle=True, seed=seed)
+    return [(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y)))
+            for x, y in itertools.islice(batches, TAYLOR_BATCHES)]

@@ -14,26 +14,29 @@ STATUS_MARK = {"front": "front", "dominated": "dominated", "infeasible": "infeas
 
 
 def variants_table(ev: Evaluation, sel: Selection) -> str:
-    """A fixed-width table, one row per variant, winner marked with '*'."""
-    head = f"{'':1} {'variant':34} {'acc %':>7} {'drop':>6} {'p50 ms':>8} {'p95 ms':>8} {'size kB':>9} {'x smaller':>9} {'x faster':>8}  verdict"
+    """A fixed-width table, one row per variant, winner marked with '*', reference marked with '='.
+    'x smaller' and 'x faster' are against the reference (same run); '±' is the p50's measured noise."""
+    head = (f"{'':1} {'variant':36} {'acc %':>7} {'drop':>6} {'p50 ms':>8} {'±%':>5} {'p95 ms':>8} {'size kB':>9} "
+            f"{'x smaller':>9} {'x faster':>8}  verdict")
     rows: List[str] = [head, "-" * len(head)]
     for v in sel.verdicts:
         r = ev.result(v.variant)
-        mark = "*" if v.variant == sel.winner else ""
+        mark = "*" if v.variant == sel.winner else "=" if v.variant == ev.reference.variant else ""
         if not r.ok:
-            rows.append(f"{mark:1} {v.variant:34} {'-':>7} {'-':>6} {'-':>8} {'-':>8} {'-':>9} {'-':>9} {'-':>8}  FAILED: {r.reason}")
+            rows.append(f"{mark:1} {v.variant:36} {'-':>7} {'-':>6} {'-':>8} {'-':>5} {'-':>8} {'-':>9} {'-':>9} {'-':>8}  "
+                        f"FAILED: {r.reason}")
             continue
         m = r.metrics
         rows.append(
-            f"{mark:1} {v.variant:34} {100 * m['accuracy']:7.2f} {m['accuracy_drop']:6.2f} {m['latency_p50_ms']:8.3f} "
-            f"{m['latency_p95_ms']:8.3f} {m['size_mb'] * 1e3:9.1f} {m['compression_ratio']:9.1f} "
-            f"{m['speedup_vs_teacher']:8.1f}  {STATUS_MARK[v.status]}"
+            f"{mark:1} {v.variant:36} {100 * m['accuracy']:7.2f} {m['accuracy_drop']:6.2f} {m['latency_p50_ms']:8.3f} "
+            f"{m['latency_noise_pct']:5.1f} {m['latency_p95_ms']:8.3f} {m['size_mb'] * 1e3:9.1f} "
+            f"{m['compression_ratio']:9.1f} {m['speedup_vs_reference']:8.2f}  {STATUS_MARK[v.status]}"
             + (f" ({'; '.join(v.reasons)})" if v.status == "infeasible" else "")
         )
-    t = ev.teacher
+    t = ev.reference
     rows.append(
-        f"teacher (torch eager): acc {100 * t['accuracy']:.2f} %, p50 {t['latency_p50_ms']:.3f} ms, "
-        f"FP32 ONNX {t['onnx_size_mb'] * 1e3:.1f} kB"
+        f"= reference {t.variant} (FP32, same run): acc {100 * t.accuracy:.2f} %, p50 {t.latency_p50_ms:.3f} ms, "
+        f"{t.size_mb * 1e3:.1f} kB" + (", outputs probabilities" if t.output == "probabilities" else "")
     )
     c = ev.champion
     if c is not None:
@@ -78,7 +81,7 @@ def selection_report(ev: Evaluation, sel: Selection, decision: Decision, run_nam
 
 
 def pareto_plot(ev: Evaluation, sel: Selection, path: Path) -> Path:
-    """Accuracy vs p50 latency, marker area ~ size; front joined, winner starred, teacher marked."""
+    """Accuracy vs p50 latency, marker area ~ size; front joined, winner starred, reference marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,11 +109,11 @@ def pareto_plot(ev: Evaluation, sel: Selection, path: Path) -> Path:
         w = ev.result(sel.winner).metrics
         ax.scatter([w["latency_p50_ms"]], [100 * w["accuracy"]], marker="*", s=400, c="gold",
                    edgecolors="black", label=f"winner: {sel.winner}", zorder=5)
-    t = ev.teacher
-    ax.scatter([t["latency_p50_ms"]], [100 * t["accuracy"]], marker="D", c="black", label="teacher (torch eager)")
+    t = ev.reference
+    ax.scatter([t.latency_p50_ms], [100 * t.accuracy], marker="D", c="black", label=f"reference: {t.variant}")
     drop = sel.constraints.get("max_accuracy_drop")
     if drop is not None:
-        ax.axhline(100 * t["accuracy"] - drop, color="tab:red", linestyle=":", linewidth=1, label=f"max drop {drop} pt")
+        ax.axhline(100 * t.accuracy - drop, color="tab:red", linestyle=":", linewidth=1, label=f"max drop {drop} pt")
     lat = sel.constraints.get("max_latency_ms")
     if lat is not None:
         ax.axvline(lat, color="tab:red", linestyle="-.", linewidth=1, label=f"max p50 {lat} ms")

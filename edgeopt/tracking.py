@@ -91,8 +91,9 @@ def log_pipeline_run(
     params = [Param(k, v[:6000]) for k, v in _flatten(config).items()]
     for i in range(0, len(params), 100):
         client.log_batch(pid, params=params[i : i + 100])
-    t = evaluation.teacher
-    client.log_batch(pid, metrics=[Metric(f"teacher_{k}", float(v), 0, 0) for k, v in t.items()])
+    ref = evaluation.reference
+    client.log_batch(pid, metrics=[Metric(f"reference_{k}", float(v), 0, 0)
+                                   for k, v in ref.model_dump().items() if isinstance(v, (int, float))])
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "selection.md").write_text(report_md)
         (Path(tmp) / "selection.json").write_text(selection.model_dump_json(indent=2))
@@ -110,6 +111,8 @@ def log_pipeline_run(
             "mlflow.parentRunId": pid,
             "edgeopt.role": "variant" if v else "champion",
             "runtime": str(r.recipe.get("runtime")),
+            "base": str(r.recipe.get("base")),
+            "reference": str(r.variant == evaluation.reference.variant).lower(),
             "pareto": v.status if v else "champion",
             "winner": str(r.variant == selection.winner).lower(),
             **{f"lineage.{k}": str(val) for k, val in r.lineage.items()},

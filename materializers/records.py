@@ -22,8 +22,9 @@ class EvaluationMaterializer(PydanticMaterializer):
             "variants": len(data.results),
             "failed": len(data.results) - len(ok),
             "cpu_fingerprint": str(data.fingerprint["id"]),
-            "teacher_accuracy": data.teacher["accuracy"],
-            "teacher_p50_ms": data.teacher["latency_p50_ms"],
+            "reference": data.reference.variant,
+            "reference_accuracy": data.reference.accuracy,
+            "reference_p50_ms": data.reference.latency_p50_ms,
             "best_p50_ms": min((r.metrics["latency_p50_ms"] for r in ok), default=0.0),
         }
 

@@ -1,10 +1,12 @@
-"""The main pipeline: data -> teacher -> KD student -> prune x export x quantize -> evaluate ->
-select -> track -> promote -> deploy. Static (one invocation per variant, each with its own id),
-so it compiles to Kubeflow as parallel branches as well as it runs on the local orchestrator."""
+"""The main pipeline, wired from the variant plan (``edgeopt.plan``): data -> teacher (trained or
+brought) -> KD student -> per base: shrink x export x precision -> evaluate -> select -> track ->
+promote -> deploy. Static (one invocation per variant, each with its own id), so it compiles to
+Kubeflow as parallel branches as well as it runs on the local orchestrator."""
 
 from zenml import pipeline
 
-from edgeopt.config import SCHEMES_FOR_FORMAT, RunConfig
+from edgeopt.config import RunConfig
+from edgeopt.plan import variant_plan
 from edgeopt.pretrained import file_sha256
 from steps import (
     deploy,
@@ -24,31 +26,35 @@ from steps import (
 @pipeline
 def compress(config: dict) -> None:
     cfg = RunConfig.model_validate(config)
+    plan = variant_plan(cfg)
     v = cfg.variants
     dataset = load_data(data=cfg.data.model_dump(mode="json"), seed=cfg.seed)
     source = cfg.teacher.source
     teacher = train_teacher(dataset, teacher=cfg.teacher.model_dump(mode="json"), seed=cfg.seed,
                             source_sha256=file_sha256(source) if source else None)
-    student = distill_student(dataset, teacher, student=cfg.student.model_dump(mode="json"), seed=cfg.seed)
-    teacher_onnx = export(teacher, dataset, fmt="onnx", id="export_teacher_onnx")
-    models = [teacher_onnx]
-    for method, amount, tag in v.shrinks():
-        ckpt = student if method == "none" else shrink(
-            student, teacher, dataset, method=method, amount=amount,
-            options=getattr(v, method).model_dump(mode="json"),
-            seed=cfg.seed, id=f"shrink_{tag}",
+    bases = {"teacher": teacher}
+    if cfg.student is not None and "student" in v.bases:
+        bases["student"] = distill_student(dataset, teacher, student=cfg.student.model_dump(mode="json"),
+                                           seed=cfg.seed)
+    checkpoints = {
+        s.key: bases[s.base] if s.technique is None else shrink(
+            bases[s.base], teacher, dataset, technique=s.technique, amount=s.amount,
+            options=v.shrink[s.technique].model_dump(mode="json"), seed=cfg.seed, id=s.step_id,
         )
-        for fmt in v.formats:
-            fp32 = export(ckpt, dataset, fmt=fmt, id=f"export_{tag}_{fmt}")
-            for scheme in v.quantization:
-                if scheme not in SCHEMES_FOR_FORMAT[fmt]:
-                    continue
-                models.append(fp32 if scheme == "fp32" else quantize(
-                    fp32, dataset, scheme=scheme, quant=v.quant.model_dump(mode="json"), seed=cfg.seed,
-                    id=f"quantize_{tag}_{fmt}_{scheme}",
-                ))
+        for s in plan.shrinks
+    }
+    exports, models = {}, []
+    for b in plan.builds:
+        if b.export_id not in exports:
+            exports[b.export_id] = export(checkpoints[b.shrink.key], dataset, fmt=b.format, variant=b.fp32_name,
+                                          id=b.export_id)
+        fp32 = exports[b.export_id]
+        models.append(fp32 if b.precision == "fp32" else quantize(
+            fp32, dataset, scheme=b.precision, quant=v.quant.model_dump(mode="json"), seed=cfg.seed,
+            variant=b.name, id=b.quantize_id,
+        ))
     uri = cfg.tracking_uri()
-    evaluation = evaluate(models, dataset, teacher, teacher_onnx, runtimes=list(v.runtimes),
+    evaluation = evaluate(models, dataset, evaluations=plan.evaluations(), reference=plan.reference_name,
                           target=cfg.target.model_dump(mode="json"), tracking_uri=uri,
                           registered_model=cfg.registry.name, alias=cfg.registry.alias)
     selection, decision, report, plot = select(

@@ -3,9 +3,11 @@
 from steps.data import load_data
 from steps.deploy import deploy
 from steps.evaluate import evaluate
+from steps.export import export
 from steps.promote import promote
+from steps.quantize import quantize
 from steps.select import select
-from steps.shrink import export, quantize, shrink
+from steps.shrink import shrink
 from steps.track import track
 from steps.train import distill_student, train_teacher
 

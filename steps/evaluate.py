@@ -1,10 +1,10 @@
 import tempfile
 from pathlib import Path
-from typing import Annotated, List
+from typing import Annotated, Dict, List
 
 from zenml import step
 
-from edgeopt.artifacts import Checkpoint, Dataset, ModelArtifact
+from edgeopt.artifacts import Dataset, ModelArtifact
 from edgeopt.config import TargetConfig
 from edgeopt.evaluation import Evaluation, evaluate_variants
 from edgeopt.tracking import fetch_champion
@@ -13,12 +13,11 @@ from materializers import EvaluationMaterializer
 
 @step(enable_cache=False, output_materializers=EvaluationMaterializer)
 def evaluate(
-    models: List[ModelArtifact], dataset: Dataset, teacher: Checkpoint, teacher_onnx: ModelArtifact,
-    runtimes: List[str], target: dict, tracking_uri: str, registered_model: str, alias: str,
+    models: List[ModelArtifact], dataset: Dataset, evaluations: Dict[str, List[str]], reference: str, target: dict,
+    tracking_uri: str, registered_model: str, alias: str,
 ) -> Annotated[Evaluation, "evaluation"]:
-    """Measure every variant, the teacher and the current champion in this one process: never
+    """Measure every variant, the reference and the current champion in this one process: never
     cached, so latencies are always same-run comparisons."""
     with tempfile.TemporaryDirectory() as tmp:
         champion = fetch_champion(tracking_uri, registered_model, alias, Path(tmp))
-        return evaluate_variants(models, runtimes, dataset, teacher, teacher_onnx,
-                                 TargetConfig.model_validate(target), champion)
+        return evaluate_variants(models, evaluations, dataset, reference, TargetConfig.model_validate(target), champion)

@@ -4,14 +4,14 @@ from zenml import step
 
 from edgeopt.artifacts import Checkpoint, Dataset
 from edgeopt.config import StudentConfig, TeacherConfig
+from edgeopt.teacher import train_teacher as _train
 from edgeopt.training import distill_student as _distill
-from edgeopt.training import train_teacher as _train
 from materializers import CheckpointMaterializer
 
 
 @step(output_materializers=CheckpointMaterializer)
 def train_teacher(dataset: Dataset, teacher: dict, seed: int, source_sha256: Optional[str] = None) -> Annotated[Checkpoint, "teacher"]:
-    """Train the teacher from scratch, or load the checkpoint/ONNX file the config names.
+    """Train the teacher from scratch, or load the model the config brings (state dict or ONNX file).
 
     Cached: a re-run with the same data, config and teacher file (``source_sha256``) reuses it."""
     return _train(dataset, TeacherConfig.model_validate(teacher), seed)

@@ -1,0 +1,41 @@
+"""Structured channel pruning (torch-pruning, DepGraph): whole channels go, so the model is
+physically smaller and faster. Coupled channels (residual adds, depthwise convs) go together; the
+classifier's outputs are never pruned."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from edgeopt.techniques import Applied, ShrinkContext, Technique, TechniqueOptions
+
+
+class PruneOptions(TechniqueOptions):
+    """``amounts``: fractions of the channels to remove in every prunable layer group."""
+
+    importance: Literal["l1", "l2", "taylor", "bn_scale", "fpgm", "random"] = Field(
+        "l2", description="Channel importance criterion (torch-pruning importances).",
+    )
+    global_pruning: bool = Field(False, description="Rank channels across all layers instead of per layer.")
+    iterative_steps: int = Field(1, ge=1, le=100, description="Reach the ratio in this many pruning steps.")
+
+
+class Prune(Technique):
+    name = "prune"
+    tag = "p"
+    role = "pruned"
+    Options = PruneOptions
+
+    def recipe(self, amount: float, opts: PruneOptions) -> str:  # type: ignore[override]
+        scope = "global" if opts.global_pruning else "per layer"
+        return f"structured channel pruning {amount:.0%} ({opts.importance}, {scope}, {opts.iterative_steps} step(s))"
+
+    def apply(self, model, amount: float, opts: PruneOptions, ctx: ShrinkContext) -> Applied:  # type: ignore[override]
+        from edgeopt.pruning import prune_channels, taylor_batches
+
+        prune_channels(model, ctx.input_shape, ctx.num_classes, amount, opts.importance,
+                       global_pruning=opts.global_pruning, iterative_steps=opts.iterative_steps,
+                       gradient_batches=taylor_batches(ctx.dataset, ctx.seed) if opts.importance == "taylor" else None)
+        return {"prune_ratio": amount, "importance": opts.importance, "global_pruning": opts.global_pruning,
+                "iterative_steps": opts.iterative_steps}, None
