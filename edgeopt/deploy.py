@@ -188,13 +188,14 @@ def _deploy_version(uri: str, mv, name: str, alias: str, root: Path, dataset_man
     with tempfile.TemporaryDirectory() as tmp:
         model = ModelArtifact(download_version(uri, mv, Path(tmp)))
         model.verify()
-        files = sorted(n for n in model.manifest["files"] if n.startswith("model."))
-        files.sort(key=lambda n: not n.endswith((".onnx", ".xml")))  # the file a runtime opens comes first
+        opened = model.model_file.name  # the file a runtime opens comes first
+        files = sorted((n for n in model.manifest["files"] if n.startswith("model.")), key=lambda n: (n != opened, n))
         runtime = {"runtime": run.data.tags["runtime"], **settings, "threads": int(settings.get("threads", 1))}
         return deploy(model.path, root, name=f"{name}-v{mv.version}", model_files=files, runtime=runtime,
                       labels=dataset_manifest["classes"], keep=keep, info={
                           "registered_model": name, "version": str(mv.version), "alias": alias,
                           "variant": run.info.run_name, "run_id": mv.run_id, "metrics": run.data.metrics,
                           "lineage": model.manifest.get("lineage", {}),
+                          "output": model.manifest.get("output", "logits"),
                           "preprocessing": {k: dataset_manifest[k] for k in ("input_shape", "mean", "std", "scale")},
                       })

@@ -113,11 +113,14 @@ class LoadedBundle:
         return self.pre.input_shape
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        """Softmax over the logits of a float32 [N,C,H,W] batch (one inference at a time per bundle;
-        in chunks the model takes, for a model exported with a fixed batch of one)."""
+        """Class probabilities of a float32 [N,C,H,W] batch (one inference at a time per bundle; in
+        chunks the model takes, for a model exported with a fixed batch of one): the softmax of its
+        logits, or its own output for a model that outputs probabilities already."""
         with self._lock:
-            logits = np.asarray(self.predictor.predict_batched(x), dtype=np.float64)
-        z = np.exp(logits - logits.max(axis=1, keepdims=True))
+            out = np.asarray(self.predictor.predict_batched(x), dtype=np.float64)
+        if self.bundle.manifest.get("output") == "probabilities":
+            return out
+        z = np.exp(out - out.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
 
 

@@ -14,15 +14,18 @@ import logging
 from typing import Any, Dict
 
 from edgeopt.artifacts import Checkpoint, Dataset, new_workdir
+from edgeopt.config import FitConfig, KDConfig
 from edgeopt.models import load_checkpoint, save_checkpoint
 from edgeopt.techniques import ShrinkContext, TechniqueOptions, get
 from edgeopt.training import fit, seed_everything
 
 log = logging.getLogger(__name__)
 
-# KD settings for a base that was not itself distilled (a teacher, a brought model)
-DEFAULT_KD = {"temperature": 4.0, "alpha": 0.9}
-DEFAULT_BATCH_SIZE = 64
+def finetune_config(train_config: dict | None, opts: TechniqueOptions) -> FitConfig:
+    """The base's own training settings (batch size, optimizer, augmentation ...; defaults for a
+    brought model), run for the technique's fine-tune epochs at its learning rate."""
+    own = {k: v for k, v in (train_config or {}).items() if k in FitConfig.model_fields}
+    return FitConfig.model_validate({**own, "epochs": opts.finetune_epochs, "steps": None, "lr": opts.lr})
 
 
 def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, technique: str, amount: float,
@@ -47,11 +50,10 @@ def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, tech
     applied, after = t.apply(model, amount, opts, ctx)
     val_acc = None
     if opts.finetune_epochs:
-        train = m.get("train_config") or {}
-        kd = train.get("kd") or DEFAULT_KD
-        hist = fit(model, dataset, epochs=opts.finetune_epochs, batch_size=train.get("batch_size", DEFAULT_BATCH_SIZE),
-                   lr=opts.lr, seed=seed, teacher=load_checkpoint(kd_teacher), temperature=kd["temperature"],
-                   alpha=kd["alpha"], desc=f"{m.get('base', m['role'])} {tag} KD fine-tune")
+        hist = fit(model, dataset, finetune_config(m.get("train_config"), opts), teacher=load_checkpoint(kd_teacher),
+                   kd=KDConfig.model_validate((m.get("train_config") or {}).get("kd") or {}),
+                   teacher_output=kd_teacher.manifest.get("output", "logits"), seed=seed,
+                   desc=f"{m.get('base', m['role'])} {tag} KD fine-tune")
         val_acc = hist["best_val_acc"]
     if after is not None:
         applied.update(after())

@@ -43,8 +43,7 @@ def train_teacher(dataset: Dataset, cfg: TeacherConfig, seed: int = 0) -> Checkp
                 "source_sha256": file_sha256(cfg.checkpoint)}
     else:
         model = build_model(arch["name"], arch["num_classes"], arch["in_channels"], arch["width"])
-        hist = fit(model, dataset, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                   weight_decay=cfg.weight_decay, seed=seed, desc=f"teacher {cfg.arch}")
+        hist = fit(model, dataset, cfg, seed=seed, desc=f"teacher {cfg.arch}")
     ckpt = save_checkpoint(model, role="teacher", arch=arch, input_shape=dataset.input_shape, info={
         "base": "teacher", "val_accuracy": hist["best_val_acc"], "history": hist, "data_hash": dataset.data_hash,
         "train_config": cfg.model_dump(mode="json"),

@@ -24,11 +24,11 @@ TINY = {
     "teacher": {"arch": "resnet_small", "width": 8, "epochs": 4, "lr": 0.05},
     "student": {"arch": "small_cnn", "width": 8, "epochs": 6, "lr": 0.05},
     "variants": {
-        "prune_ratios": [0.0, 0.5],
+        "bases": ["student"],
+        "shrink": {"prune": {"amounts": [0.5], "finetune_epochs": 2, "lr": 0.02}},
         "quantization": ["fp32", "int8"],
         "formats": ["onnx", "openvino"],
         "runtimes": ["onnxruntime", "openvino"],
-        "prune": {"finetune_epochs": 2, "lr": 0.02},
         "quant": {"calibration_samples": 64},
     },
     "target": {"warmup": 5, "iterations": 30, "constraints": {"max_accuracy_drop": 10.0, "max_size_mb": 1.0}},
@@ -65,7 +65,7 @@ def digits(tiny_config):
 
 @pytest.fixture(scope="session")
 def teacher_ckpt(digits, tiny_config):
-    from edgeopt.training import train_teacher
+    from edgeopt.teacher import train_teacher
 
     return train_teacher(digits, tiny_config.teacher, seed=0)
 

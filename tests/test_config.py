@@ -6,13 +6,14 @@ from pathlib import Path
 import pytest
 
 from edgeopt.config import ConfigError, load_config, parse_config
+from edgeopt.plan import variant_plan
 from tests.conftest import ROOT, TINY
 
 
 @pytest.mark.parametrize("name", ["default.yaml", "imagefolder.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(ROOT / "configs" / name)
-    assert cfg.variants.combinations()
+    assert variant_plan(cfg).names()
 
 
 def _with(path: str, value):
@@ -30,9 +31,12 @@ def _with(path: str, value):
     ("target.constraints.max_latency_ms", -3, "target.constraints.max_latency_ms"),
     ("teacher.arch", "resnet9000", "teacher.arch: unknown architecture 'resnet9000'"),
     ("teacher.archh", "x", "teacher.archh: unknown field"),
-    ("variants.prune_ratios", [0.0, 1.5], "variants.prune_ratios.1"),
+    ("variants.shrink", {"prune": {"amounts": [0.5, 1.5]}}, "variants.shrink: prune.amounts.1: Input should be less"),
+    ("variants.shrink", {"prune": {"amounts": [0.5], "importance": "x"}}, "variants.shrink: prune.importance: Input"),
+    ("variants.shrink", {"quantum": {"amounts": [0.5]}}, "variants.shrink: unknown technique 'quantum'"),
+    ("variants.bases", ["teacher", "student", "teacher"], "variants.bases: duplicate entries"),
     ("variants.quantization", ["int4"], "variants.quantization.0"),
-    ("variants.formats", ["openvino"], "no variant: no format in ['openvino'] runs on a runtime"),
+    ("variants.formats", ["openvino"], "no variant of the student: no format in ['openvino'] runs on a runtime"),
     ("target.threads", 0, "target.threads"),
     ("data.source", "imagefolder", "data.root is required"),
     ("data.root", "no/such/folder", "data.root: folder not found: no/such/folder"),
@@ -89,5 +93,5 @@ def test_cli_validate_lists_the_variants():
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     cfg = load_config(ROOT / "configs" / "default.yaml")
-    assert f"ok ({len(cfg.variants.combinations())} student variants" in out.stdout
+    assert f"ok ({len(variant_plan(cfg).names())} variants of student; reference teacher-fp32-onnx" in out.stdout
     assert "p50-int8-openvino@openvino" in out.stdout

@@ -93,18 +93,18 @@ def test_variant_steps_are_parallel_branches(spec):
     tasks = _tasks(spec)
     upstream = {"load_data", "train_teacher", "distill_student"}
     variants = _ancestors(tasks, "evaluate") - upstream
-    assert {"export_p0_onnx", "export_p50_onnx", "quantize_p0_onnx_int8", "quantize_p50_openvino_int8"} <= variants
+    assert {"export_student_onnx", "export_student_p50_onnx", "quantize_student_onnx_int8", "quantize_student_p50_openvino_int8"} <= variants
     for name in variants:
         deps = tasks[name][1]
         assert deps <= upstream | variants, (name, deps)
-        # one parent at most, and only the recipe it extends: quantize_p50_onnx_int8 <- export_p50_onnx
-        # <- shrink_p50; never a sibling variant (export_p0_onnx and export_p50_onnx run side by side)
+        # one parent at most, and only the recipe it extends: quantize_student_p50_onnx_int8 <- export_student_p50_onnx
+        # <- shrink_student_p50; never a sibling variant (export_student_onnx and export_student_p50_onnx run side by side)
         assert len(deps & variants) <= 1, (name, deps)
         for parent in deps & variants:
             assert name.split("_", 1)[1].startswith(parent.split("_", 1)[1] + "_"), (name, parent)
-    assert tasks["export_p0_onnx"][1] == {"load_data", "distill_student"}
-    assert "export_p0_onnx" not in tasks["export_p50_onnx"][1] and "export_p50_onnx" not in tasks["export_p0_onnx"][1]
-    assert tasks["quantize_p50_onnx_int8"][1] == {"load_data", "export_p50_onnx"}
+    assert tasks["export_student_onnx"][1] == {"load_data", "distill_student"}
+    assert "export_student_onnx" not in tasks["export_student_p50_onnx"][1] and "export_student_p50_onnx" not in tasks["export_student_onnx"][1]
+    assert tasks["quantize_student_p50_onnx_int8"][1] == {"load_data", "export_student_p50_onnx"}
     # evaluate is where the branches join: it waits for every exported and quantized model
     assert {n for n in variants if n.startswith(("export_", "quantize_"))} <= tasks["evaluate"][1]
 
@@ -114,8 +114,8 @@ def test_resource_settings_reach_the_pods(spec):
     tasks = _tasks(spec)
     for step, settings in [("train_teacher", run_config["steps"]["train_teacher"]["settings"]["resources"]),
                            ("distill_student", run_config["steps"]["distill_student"]["settings"]["resources"]),
-                           ("export_p50_onnx", run_config["settings"]["resources"]),
-                           ("quantize_p0_onnx_int8", run_config["settings"]["resources"])]:
+                           ("export_student_p50_onnx", run_config["settings"]["resources"]),
+                           ("quantize_student_onnx_int8", run_config["settings"]["resources"])]:
         r = _container(spec, tasks[step][0])["resources"]
         cpu, memory = float(settings["cpu_count"]), k8s_memory(ResourceSettings(memory=settings["memory"]))
         assert float(r["resourceCpuLimit"]) == float(r["resourceCpuRequest"]) == cpu, (step, r)
@@ -123,7 +123,7 @@ def test_resource_settings_reach_the_pods(spec):
     # training gets more than a variant branch
     container = _container(spec, tasks["train_teacher"][0])
     assert float(container["resources"]["resourceCpuLimit"]) > float(
-        _container(spec, tasks["export_p0_onnx"][0])["resources"]["resourceCpuLimit"])
+        _container(spec, tasks["export_student_onnx"][0])["resources"]["resourceCpuLimit"])
     assert container["image"] == "python:3.11-slim"
     assert container["args"][container["args"].index("--step_name") + 1] == "train_teacher"
 

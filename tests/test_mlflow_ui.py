@@ -32,7 +32,7 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "mlflow-ui"
 RUN_CONFIG = PROJECT_ROOT / "infra" / "kubeflow" / "run_config.yaml"
 ASSISTANT_CLOSE = "//*[normalize-space(text())='MLflow Assistant']/following::button[@aria-label='Close'][1]"
-METRICS = ("accuracy", "accuracy_drop", "latency_p50_ms", "latency_p95_ms", "size_mb", "speedup_vs_teacher")
+METRICS = ("accuracy", "accuracy_drop", "latency_p50_ms", "latency_p95_ms", "size_mb", "speedup_vs_reference")
 
 
 def _cli(config: dict, path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -74,7 +74,7 @@ def test_ci_run_passes_the_gate_and_leaves_the_report(ci_run):
 def test_quality_gate_fails_with_exit_3_when_no_variant_fits(tiny_raw, state_dir):
     v = tiny_raw["variants"]
     config = {**tiny_raw, "name": "tiny-gate", "registry": {"name": "tiny-gate-model"},
-              "variants": {**v, "prune_ratios": [0.0], "quantization": ["fp32"], "formats": ["onnx"],
+              "variants": {**v, "shrink": {}, "quantization": ["fp32"], "formats": ["onnx"],
                            "runtimes": ["onnxruntime"]},
               "target": {**tiny_raw["target"], "constraints": {"max_accuracy_drop": 10.0, "max_size_mb": 0.001}},
               "tracking": {"uri": f"sqlite:///{state_dir / 'mlflow-gate.db'}", "experiment": "tiny-gate"},
@@ -189,7 +189,7 @@ def test_mlflow_ui_shows_every_variant_run_and_its_metrics(ci_run, mlflow_ui, br
     variants = client.search_runs([experiment.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     names = [r.info.run_name for r in variants]
-    assert "p50-int8-onnx@onnxruntime" in names and "teacher-fp32-onnx@onnxruntime" in names
+    assert "student-p50-int8-onnx@onnxruntime" in names and "teacher-fp32-onnx@onnxruntime" in names
     ml_view = "workflowType=machine_learning"  # MLflow 3 opens experiments in its GenAI view
 
     # the experiment's runs table: the pipeline run, and its variant runs once expanded

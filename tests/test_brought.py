@@ -1,0 +1,208 @@
+"""The model a user brings: any single-input image classifier in ONNX (fixed or dynamic batch, any
+names, opsets 13-21, logits or probabilities), refused in one line when edgeopt cannot take it;
+a brought torch checkpoint as a base for structural techniques; a technique registered from outside."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from onnx import TensorProto, helper
+from torch import nn
+
+from edgeopt import formats
+from edgeopt.artifacts import Checkpoint
+from edgeopt.config import parse_config
+from edgeopt.export import export_checkpoint
+from edgeopt.models import load_checkpoint
+from edgeopt.plan import variant_plan
+from edgeopt.pretrained import PretrainedError, inspect_onnx, onnx_teacher
+from edgeopt.runtimes import make_predictor
+from edgeopt.shrink import shrink_base
+from edgeopt.techniques import REGISTRY, Applied, Technique, TechniqueOptions
+from edgeopt.techniques.prune import PruneOptions
+from edgeopt.training import accuracy
+from tests.conftest import ROOT, TINY
+
+SHAPE = [1, 8, 8]
+
+
+def _export_legacy(model: nn.Module, path, *, opset=17, fixed_batch=True, names=("input", "logits")):
+    """How most users export: the TorchScript-based exporter, often with a fixed batch of one."""
+    model.eval()
+    dynamic = None if fixed_batch else {names[0]: {0: "n"}, names[1]: {0: "n"}}
+    torch.onnx.export(model, (torch.zeros(1, *SHAPE),), str(path), dynamo=False, opset_version=opset,
+                      input_names=[names[0]], output_names=[names[1]], dynamic_axes=dynamic)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_net(teacher_ckpt):
+    return load_checkpoint(teacher_ckpt)
+
+
+@pytest.fixture(scope="module")
+def prob_onnx(teacher_net, tmp_path_factory):
+    """The trained teacher with a softmax inside, fixed batch 1, opset 13, its own tensor names."""
+    return _export_legacy(nn.Sequential(teacher_net, nn.Softmax(dim=1)), tmp_path_factory.mktemp("b") / "prob.onnx",
+                          opset=13, names=("image", "prob"))
+
+
+def _logits(net, x):
+    with torch.inference_mode():
+        return net(torch.from_numpy(x)).numpy()
+
+
+def test_fixed_batch_probability_model_is_taken_and_detected(prob_onnx, teacher_net, digits):
+    info = inspect_onnx(prob_onnx, SHAPE, 10)
+    assert info.fixed_batch == 1 and info.input_name == "image" and info.opset == 13
+    ckpt = onnx_teacher(prob_onnx, digits)
+    assert ckpt.manifest["output"] == "probabilities" and ckpt.onnx_file is not None
+    x = digits.split("val")[0][:7]  # 7 rows through a model that takes exactly one
+    want = torch.softmax(torch.from_numpy(_logits(teacher_net, x)), 1).numpy()
+    with torch.inference_mode():
+        got = load_checkpoint(ckpt)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    for fmt in ("onnx", "openvino"):
+        art = export_checkpoint(ckpt, fmt, digits, f"teacher-fp32-{fmt}")
+        assert not art.failed, art.manifest.get("reason")
+        assert art.manifest["output"] == "probabilities" and art.manifest["parity_max_abs_diff"] < 1e-4
+        p = make_predictor(formats.get(fmt).native_runtime, art.model_file)
+        assert p.fixed_batch == 1
+        np.testing.assert_allclose(p.predict_batched(x), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_dynamic_batch_logits_model_any_names(opset, teacher_net, digits, tmp_path):
+    path = _export_legacy(teacher_net, tmp_path / "dyn.onnx", opset=opset, fixed_batch=False, names=("x", "scores"))
+    ckpt = onnx_teacher(path, digits)
+    assert ckpt.manifest["output"] == "logits" and ckpt.manifest["onnx"]["fixed_batch"] is None
+    x = digits.split("test")[0][:32]
+    np.testing.assert_allclose(make_predictor("onnxruntime", ckpt.onnx_file)(x), _logits(teacher_net, x), atol=1e-4)
+
+
+def _graph(path, inputs, outputs, nodes, opset=17, domains=()):
+    g = helper.make_graph(nodes, "g", inputs, outputs)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), *(helper.make_opsetid(d, 1) for d in domains)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+def _vi(name, shape, t=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, t, shape)
+
+
+def _pool_model(path, in_shape, out_shape, *, t=TensorProto.FLOAT, opset=17):
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
+    if t != TensorProto.FLOAT:
+        nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+                 helper.make_node("GlobalAveragePool", ["xf"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
+    return _graph(path, [_vi("x", in_shape, t)], [_vi("y", out_shape)], nodes, opset=opset)
+
+
+REFUSALS = {
+    "two_inputs": (lambda p: _graph(p, [_vi("a", [1, 1, 8, 8]), _vi("b", [1, 1, 8, 8])], [_vi("y", [1, 1, 8, 8])],
+                                    [helper.make_node("Add", ["a", "b"], ["y"])]), "2 inputs (a, b)"),
+    "nhwc": (lambda p: _pool_model(p, [1, 8, 8, 1], [1, 8]), "looks channels-last (NHWC)"),
+    "uint8_input": (lambda p: _pool_model(p, [1, 1, 8, 8], [1, 1], t=TensorProto.UINT8), "input 'x' is uint8"),
+    "not_classes": (lambda p: _graph(p, [_vi("x", [1, 1, 8, 8])], [_vi("y", [1, 1, 1, 1])],
+                                     [helper.make_node("GlobalAveragePool", ["x"], ["y"])]), "expected [N, classes]"),
+    "class_count": (lambda p: _export_legacy(nn.Sequential(nn.Flatten(), nn.Linear(64, 11)), p),
+                    "has 11 classes; the dataset has 10"),
+    "custom_op": (lambda p: _graph(p, [_vi("x", [1, 1, 8, 8])], [_vi("y", [1, 10])],
+                                   [helper.make_node("MagicClassifier", ["x"], ["y"], domain="acme.ops")],
+                                   domains=("acme.ops",)), "custom operator acme.ops::MagicClassifier"),
+    "old_opset": (lambda p: _pool_model(p, [1, 1, 8, 8], [1, 1], opset=11), "opset 11 is not supported"),
+    "wrong_size": (lambda p: _pool_model(p, [1, 1, 16, 16], [1, 1]), "does not fit the data's images"),
+    "truncated": (lambda p: p.write_bytes(b"\x08\x07\x12\x04trunc") or p, "not a valid ONNX model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_what_edgeopt_cannot_take_is_refused_in_one_line(case, tmp_path):
+    build, expect = REFUSALS[case]
+    path = tmp_path / f"{case}.onnx"
+    build(path)
+    with pytest.raises(PretrainedError) as err:
+        inspect_onnx(path, SHAPE, 10)
+    msg = str(err.value)
+    assert msg.startswith(str(path)) and "\n" not in msg and expect in msg, msg
+
+
+def test_cli_refuses_a_bad_brought_model_before_any_work(tmp_path):
+    bad = _pool_model(tmp_path / "nhwc.onnx", [1, 8, 8, 1], [1, 8])
+    raw = {**TINY, "teacher": {"onnx": str(bad)}, "variants": {**TINY["variants"], "bases": ["teacher"], "shrink": {}}}
+    config = tmp_path / "brought.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = subprocess.run([sys.executable, str(ROOT / "run.py"), "run", "-c", str(config)], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"edgeopt: error: {bad}: input 'x' [1, 8, 8, 1] looks channels-last "
+                                                f"(NHWC): edgeopt feeds NCHW; re-export with the channels first"]
+
+
+def test_plan_names_bases_and_skips_structure_for_an_onnx_teacher(prob_onnx):
+    raw = {**TINY, "teacher": {"onnx": str(prob_onnx)},
+           "variants": {**TINY["variants"], "bases": ["teacher", "student"]}}
+    plan = variant_plan(parse_config(raw, "cfg"))
+    names = plan.names()
+    assert "teacher-int8-onnx@onnxruntime" in names and "teacher-int8-openvino@openvino" in names
+    assert "student-p50-int8-onnx@onnxruntime" in names and not any(n.startswith("teacher-p50") for n in names)
+    assert plan.reference_name == "teacher-fp32-onnx@onnxruntime"
+    assert any("skip the teacher: it is an ONNX model" in n for n in plan.notes)
+    assert len(names) == len(set(names))
+
+
+def test_brought_torch_checkpoint_is_pruned_and_fine_tuned_from_itself(teacher_ckpt, digits):
+    pruned = shrink_base(teacher_ckpt, teacher_ckpt, digits, "prune", 0.5,
+                         PruneOptions(amounts=[0.5], finetune_epochs=2, lr=0.02))
+    m = pruned.manifest
+    assert m["base"] == "teacher" and m["lineage"]["teacher"] == teacher_ckpt.content_hash[:12]
+    assert m["macs"] < 0.5 * m["macs_before"]
+    x, y = digits.split("test")
+    assert accuracy(load_checkpoint(pruned), x, y) > 0.85
+
+
+def test_a_base_that_did_not_learn_is_skipped_not_built(student_ckpt, digits, tmp_path):
+    dud = Checkpoint(shutil.copytree(student_ckpt.path, tmp_path / "dud"))
+    dud = Checkpoint.write(dud.path, {**{k: v for k, v in dud.manifest.items() if k not in ("kind", "files")},
+                                      "learned": False, "val_accuracy": 0.1})
+    shrunk = shrink_base(dud, dud, digits, "prune", 0.5, PruneOptions(amounts=[0.5]))
+    assert shrunk.manifest["learned"] is False and "weights.pt" not in shrunk.manifest["files"]
+    art = export_checkpoint(dud, "onnx", digits, "student-fp32-onnx")
+    assert art.failed and "did not learn" in art.manifest["reason"]
+
+
+class HeadSparsity(Technique):
+    """A technique defined outside edgeopt: zero the smallest classifier weights."""
+
+    name = "headsparse"
+    tag = "hs"
+    role = "sparse"
+
+    def recipe(self, amount, opts):
+        return f"classifier magnitude sparsity {amount:.0%}"
+
+    def apply(self, model, amount, opts: TechniqueOptions, ctx) -> Applied:
+        head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        with torch.no_grad():
+            w = head.weight
+            w[w.abs() <= w.abs().flatten().kthvalue(int(amount * w.numel())).values] = 0
+        return {"head_zeros": float((w == 0).float().mean())}, None
+
+
+def test_a_new_technique_registers_without_editing_edgeopt(student_ckpt, teacher_ckpt, digits):
+    try:
+        raw = {**TINY, "variants": {**TINY["variants"], "shrink": {"headsparse": {"amounts": [0.5], "finetune_epochs": 0}}}}
+        cfg = parse_config(raw, "cfg")
+        assert "student-hs50-int8-onnx@onnxruntime" in variant_plan(cfg).names()
+        ckpt = shrink_base(student_ckpt, teacher_ckpt, digits, "headsparse", 0.5, cfg.variants.shrink["headsparse"])
+        assert ckpt.manifest["head_zeros"] == pytest.approx(0.5, abs=0.02) and ckpt.manifest["tag"] == "hs50"
+        assert not export_checkpoint(ckpt, "onnx", digits, "student-hs50-fp32-onnx").failed
+    finally:
+        REGISTRY.pop("headsparse", None)
