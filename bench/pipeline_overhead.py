@@ -3,7 +3,7 @@
 - pipeline: pipelines.runner.run_pipeline on a small config, caching disabled (every step runs),
   ZenML's local stack;
 - plain: the edgeopt domain functions pipelines/compress.py and steps/ call, in the same order, in
-  this process, with no ZenML: load_dataset, train_teacher, distill_student, shrink_student,
+  this process, with no ZenML: load_dataset, train_teacher, distill_student, shrink_base,
   export_checkpoint, quantize_model, evaluate_variants, pareto.select, decide, the selection
   report and plot; then the MLflow part (fetch_champion, log_pipeline_run, promote_winner,
   deploy_from_registry), timed apart.
@@ -56,11 +56,11 @@ SMALL = {  # the digits data, small models, every technique of the default: 2 sh
     "teacher": {"arch": "resnet_small", "width": 16, "epochs": 6, "lr": 0.05},
     "student": {"arch": "small_cnn", "width": 16, "epochs": 10, "lr": 0.05},
     "variants": {
-        "prune_ratios": [0.0, 0.5],
+        "bases": ["student"],
+        "shrink": {"prune": {"amounts": [0.5], "finetune_epochs": 3, "lr": 0.02}},
         "quantization": ["fp32", "int8"],
         "formats": ["onnx", "openvino"],
         "runtimes": ["onnxruntime", "openvino"],
-        "prune": {"finetune_epochs": 3, "lr": 0.02},
         "quant": {"calibration_samples": 100},
     },
     "target": {"warmup": 10, "iterations": 100, "constraints": {"max_accuracy_drop": 5.0, "max_size_mb": 1.0}},
@@ -71,7 +71,7 @@ QUICK = {  # every code path of SMALL (both formats, runtimes, pruning, INT8) wi
     **SMALL,
     "teacher": {**SMALL["teacher"], "width": 8, "epochs": 1},
     "student": {**SMALL["student"], "width": 8, "epochs": 1},
-    "variants": {**SMALL["variants"], "prune": {"finetune_epochs": 1, "lr": 0.02},
+    "variants": {**SMALL["variants"], "shrink": {"prune": {"amounts": [0.5], "finetune_epochs": 1, "lr": 0.02}},
                  "quant": {"calibration_samples": 32}},
     "target": {"warmup": 2, "iterations": 10, "constraints": {"max_accuracy_drop": None, "max_size_mb": 1.0}},
 }
@@ -105,42 +105,41 @@ class Clock:
 
 def plain_run(cfg, run_name: str) -> Dict[str, float]:
     """The pipeline's work as plain calls, in pipelines/compress.py's order; seconds per part."""
-    from edgeopt.config import SCHEMES_FOR_FORMAT
     from edgeopt.data import load_dataset
     from edgeopt.deploy import deploy_from_registry
     from edgeopt.evaluation import evaluate_variants
     from edgeopt.export import export_checkpoint
     from edgeopt.pareto import select
+    from edgeopt.plan import variant_plan
+    from edgeopt.precisions import quantize_model
     from edgeopt.promotion import decide
     from edgeopt.provenance import provenance
-    from edgeopt.pruning import shrink_student
-    from edgeopt.quantization import quantize_model
     from edgeopt.report import pareto_plot_artifact, selection_report
+    from edgeopt.shrink import shrink_base
+    from edgeopt.teacher import train_teacher
     from edgeopt.tracking import fetch_champion, log_pipeline_run, promote_winner
-    from edgeopt.training import distill_student, train_teacher
+    from edgeopt.training import distill_student
 
-    v, uri, reg = cfg.variants, cfg.tracking_uri(), cfg.registry
+    v, uri, reg, plan = cfg.variants, cfg.tracking_uri(), cfg.registry, variant_plan(cfg)
     mlflow = [0.0, 0.0]  # wall, CPU
     run = Clock()
     dataset = load_dataset(cfg.data, cfg.seed)
     teacher = train_teacher(dataset, cfg.teacher, cfg.seed)
-    student = distill_student(dataset, teacher, cfg.student, cfg.seed)
-    teacher_onnx = export_checkpoint(teacher, "onnx", dataset)
-    models = [teacher_onnx]
-    for method, amount, _tag in v.shrinks():
-        ckpt = student if method == "none" else shrink_student(
-            student, teacher, dataset, method, amount, getattr(v, method), cfg.seed)
-        for fmt in v.formats:
-            fp32 = export_checkpoint(ckpt, fmt, dataset)
-            for scheme in v.quantization:
-                if scheme not in SCHEMES_FOR_FORMAT[fmt]:
-                    continue
-                models.append(fp32 if scheme == "fp32" else quantize_model(fp32, scheme, dataset, v.quant, cfg.seed))
+    bases = {"teacher": teacher, "student": distill_student(dataset, teacher, cfg.student, cfg.seed)}
+    ckpts = {s.key: bases[s.base] if s.technique is None else shrink_base(
+        bases[s.base], teacher, dataset, s.technique, s.amount, v.shrink[s.technique], cfg.seed) for s in plan.shrinks}
+    exports, models = {}, []
+    for b in plan.builds:
+        if b.export_id not in exports:
+            exports[b.export_id] = export_checkpoint(ckpts[b.shrink.key], b.format, dataset, b.fp32_name)
+        fp32 = exports[b.export_id]
+        models.append(fp32 if b.precision == "fp32" else
+                      quantize_model(fp32, b.precision, dataset, v.quant, cfg.seed, variant=b.name))
     with tempfile.TemporaryDirectory() as tmp:
         part = Clock()
         champion = fetch_champion(uri, reg.name, reg.alias, Path(tmp))
         mlflow = [a + b for a, b in zip(mlflow, part.read())]
-        evaluation = evaluate_variants(models, list(v.runtimes), dataset, teacher, teacher_onnx, cfg.target, champion)
+        evaluation = evaluate_variants(models, plan.evaluations(), dataset, plan.reference_name, cfg.target, champion)
     constraints = cfg.target.constraints.model_dump(mode="json")
     sel = select(evaluation.metrics_by_variant(), constraints, cfg.selection.objective)
     winner = evaluation.result(sel.winner) if sel.winner else None

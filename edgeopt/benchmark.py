@@ -15,7 +15,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class Latency:
     noise_pct: float  # half the spread of the per-round medians, in % of the median: the run's own noise
 
 
-def cpu_fingerprint() -> Dict[str, object]:
+def cpu_fingerprint() -> Dict[str, Any]:
     """CPU model, core count, ISA flags that matter for INT8/BF16, runtime versions, and a short id."""
     import onnxruntime
     import openvino
@@ -66,7 +66,7 @@ def cpu_fingerprint() -> Dict[str, object]:
     return fp
 
 
-def int8_warning(fingerprint: Dict[str, object]) -> str | None:
+def int8_warning(fingerprint: Dict[str, Any]) -> str | None:
     """Why INT8 may not pay on this CPU, or None when it has the dot-product instructions."""
     isa = set(fingerprint.get("isa", []))
     if isa & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"}:
@@ -93,7 +93,7 @@ def _summary(first: float, rounds: List[List[float]]) -> Latency:
     )
 
 
-def measure(predictors: Dict[str, object], x: np.ndarray, warmup: int = 20, iterations: int = 200,
+def measure(predictors: Dict[str, Callable[[np.ndarray], Any]], x: np.ndarray, warmup: int = 20, iterations: int = 200,
             rounds: int = 5, time_budget_s: float | None = None) -> Dict[str, Latency]:
     """Latency of each predictor on the same input ``x``, interleaved over ``rounds``.
 

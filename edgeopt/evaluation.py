@@ -9,7 +9,7 @@ latency and every speedup in one evaluation is a same-run comparison.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 from pydantic import BaseModel
@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from edgeopt.artifacts import Dataset, ModelArtifact
 from edgeopt.benchmark import cpu_fingerprint, int8_warning, measure
 from edgeopt.config import TargetConfig
+from edgeopt.precisions.coverage import int8_coverage
 from edgeopt.runtimes import Predictor, make_predictor
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class Reference(BaseModel):
 
 class Evaluation(BaseModel):
     target: Dict[str, object]
-    fingerprint: Dict[str, object]
+    fingerprint: Dict[str, Any]
     reference: Reference
     results: List[VariantResult]
     champion: Optional[VariantResult] = None
@@ -87,8 +88,9 @@ def evaluate_variants(
     target: TargetConfig,
     champion: Optional[Tuple[ModelArtifact, str, str]] = None,
 ) -> Evaluation:
-    """Accuracy, latency (p50/p95/p99, first inference, noise), size and params of every (model, runtime)
-    named in ``evaluations`` (variant -> runtimes), relative to ``reference`` (``variant@runtime``).
+    """Accuracy, latency (p50/p95/p99, first inference, noise), size, params, how much runs in INT8 and,
+    for a quantized variant, its speedup over its own FP32 export on the same runtime, of every (model,
+    runtime) named in ``evaluations`` (variant -> runtimes), relative to ``reference`` (``variant@runtime``).
 
     ``champion`` (model, registry version, runtime) is the current champion: it is measured in the
     same loop so that the challenger and it are compared on equal terms; it is not a candidate.
@@ -104,6 +106,7 @@ def evaluate_variants(
         try:
             p = make_predictor(rt, m.model_file, target.threads)
             acc = top1_accuracy(p, dataset)
+            coverage = int8_coverage(rt, m.model_file, target.threads)
         except Exception as err:  # a broken variant is recorded, not fatal
             log.warning("evaluate: %s failed: %s", name, err)
             return r.model_copy(update={"status": "failed", "reason": f"{type(err).__name__}: {err}"[:500]})
@@ -113,6 +116,7 @@ def evaluate_variants(
             "size_mb": m.model_bytes / 1e6,
             "params": float(m.manifest.get("params", 0)),
             "macs": float(m.manifest.get("macs", 0)),
+            **coverage,
         }})
 
     results = {variant_name(m, rt): measure_accuracy(variant_name(m, rt), m, rt)
@@ -140,6 +144,9 @@ def evaluate_variants(
             "speedup_vs_reference": ref_lat.p50_ms / L.p50_ms,
             "compression_ratio": ref["size_mb"] / r.metrics["size_mb"],
         })
+        parent = f"{r.lineage.get('parent')}@{r.recipe['runtime']}"  # a quantized variant's FP32 export
+        if parent in results and results[parent].ok and parent != r.variant:
+            r.metrics["speedup_vs_fp32"] = lat[parent].p50_ms / L.p50_ms
     fp = cpu_fingerprint()
     warnings = [w for w in [int8_warning(fp)] if w and any(str(r.recipe.get("scheme", "")).startswith("int8")
                                                             for r in results.values())]

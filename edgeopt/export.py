@@ -45,6 +45,7 @@ def export_onnx(model: nn.Module, input_shape, path: Path) -> Path:
             model, (example,), None, dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},), verbose=False,
         )
+    assert program is not None  # torch returns the program when no path is given
     program.save(str(path), external_data=False)
     onnx.checker.check_model(str(path))
     return path

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from edgeopt import formats
-from edgeopt.config import SCHEMES_FOR_FORMAT, RunConfig
+from edgeopt import formats, precisions
+from edgeopt.config import RunConfig
 
 REFERENCE_FORMAT, REFERENCE_PRECISION = "onnx", "fp32"
 
@@ -86,10 +86,6 @@ class Plan:
         return [e for b in self.builds for e in b.evaluations()]
 
 
-def precisions_for(fmt: str) -> Tuple[str, ...]:
-    return SCHEMES_FOR_FORMAT.get(fmt, ())
-
-
 def variant_plan(cfg: RunConfig) -> Plan:
     v = cfg.variants
     notes: List[str] = []
@@ -110,7 +106,7 @@ def variant_plan(cfg: RunConfig) -> Plan:
             shrinks += [ShrinkSpec(base, name, a, t.variant_tag(a)) for a in opts.amounts]
     builds = [
         BuildSpec(s, f, p, tuple(rt for rt in formats.get(f).runtimes if rt in v.runtimes))
-        for s in shrinks for f in v.formats for p in v.quantization if p in precisions_for(f)
+        for s in shrinks for f in v.formats for p in v.quantization if f in precisions.formats_for(p)
     ]
     builds = [b for b in builds if b.runtimes]
     ref_runtime = formats.get(REFERENCE_FORMAT).native_runtime

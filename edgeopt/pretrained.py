@@ -114,11 +114,12 @@ def expected_input(data: DataConfig) -> tuple[List[Optional[int]], Optional[int]
     if data.source == "digits":
         h, w = data.image_size or (8, 8)
         return [1, h, w], 10
+    assert data.root is not None  # the config requires it for an ImageFolder
     root = resolve_path(data.root)
     split = root / "train" if (root / "train").is_dir() and (root / "test").is_dir() else root
     classes = [p for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    h, w = data.image_size or (None, None)
-    return [1 if data.grayscale else 3, h, w], len(classes)
+    size: tuple[Optional[int], Optional[int]] = data.image_size or (None, None)
+    return [1 if data.grayscale else 3, *size], len(classes)
 
 
 def preflight(teacher_onnx: Optional[Path], data: DataConfig) -> Optional[OnnxInfo]:

@@ -15,22 +15,24 @@ STATUS_MARK = {"front": "front", "dominated": "dominated", "infeasible": "infeas
 
 def variants_table(ev: Evaluation, sel: Selection) -> str:
     """A fixed-width table, one row per variant, winner marked with '*', reference marked with '='.
-    'x smaller' and 'x faster' are against the reference (same run); '±' is the p50's measured noise."""
+    'x smaller' and 'x faster' are against the reference (same run); '±' is the p50's measured noise;
+    'int8' is the share of convolution/matmul layers the runtime really executes in INT8."""
     head = (f"{'':1} {'variant':36} {'acc %':>7} {'drop':>6} {'p50 ms':>8} {'±%':>5} {'p95 ms':>8} {'size kB':>9} "
-            f"{'x smaller':>9} {'x faster':>8}  verdict")
+            f"{'x smaller':>9} {'x faster':>8} {'int8':>5}  verdict")
     rows: List[str] = [head, "-" * len(head)]
     for v in sel.verdicts:
         r = ev.result(v.variant)
         mark = "*" if v.variant == sel.winner else "=" if v.variant == ev.reference.variant else ""
         if not r.ok:
-            rows.append(f"{mark:1} {v.variant:36} {'-':>7} {'-':>6} {'-':>8} {'-':>5} {'-':>8} {'-':>9} {'-':>9} {'-':>8}  "
-                        f"FAILED: {r.reason}")
+            rows.append(f"{mark:1} {v.variant:36} {'-':>7} {'-':>6} {'-':>8} {'-':>5} {'-':>8} {'-':>9} {'-':>9} {'-':>8} "
+                        f"{'-':>5}  FAILED: {r.reason}")
             continue
         m = r.metrics
         rows.append(
             f"{mark:1} {v.variant:36} {100 * m['accuracy']:7.2f} {m['accuracy_drop']:6.2f} {m['latency_p50_ms']:8.3f} "
             f"{m['latency_noise_pct']:5.1f} {m['latency_p95_ms']:8.3f} {m['size_mb'] * 1e3:9.1f} "
-            f"{m['compression_ratio']:9.1f} {m['speedup_vs_reference']:8.2f}  {STATUS_MARK[v.status]}"
+            f"{m['compression_ratio']:9.1f} {m['speedup_vs_reference']:8.2f} {100 * m.get('int8_fraction', 0):4.0f}%  "
+            f"{STATUS_MARK[v.status]}"
             + (f" ({'; '.join(v.reasons)})" if v.status == "infeasible" else "")
         )
     t = ev.reference

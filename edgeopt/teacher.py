@@ -35,7 +35,7 @@ def train_teacher(dataset: Dataset, cfg: TeacherConfig, seed: int = 0) -> Checkp
         acc = val_accuracy(load_checkpoint(ckpt), dataset)
         log.info("train_teacher: brought ONNX model %s, val acc %.4f", cfg.onnx, acc)
         return Checkpoint.write(ckpt.path, {**_info(ckpt), "val_accuracy": acc})
-    arch = {"name": cfg.arch, "num_classes": len(dataset.classes), "in_channels": dataset.input_shape[0],
+    arch: dict = {"name": cfg.arch, "num_classes": len(dataset.classes), "in_channels": dataset.input_shape[0],
             "width": cfg.width}
     if cfg.checkpoint is not None:
         model = load_state_dict_teacher(cfg.checkpoint, arch, dataset.input_shape)

@@ -43,7 +43,9 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # created concurrently
-        return client.get_experiment_by_name(name).experiment_id
+        exp = client.get_experiment_by_name(name)
+        assert exp is not None
+        return exp.experiment_id
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, str]:
@@ -204,6 +206,7 @@ def promote_winner(
     if not decision.promote:
         log.warning("promote: nothing promoted: %s", decision.reason)
         return base
+    assert selection.winner is not None  # a promotion decision has a winner
     w = evaluation.result(selection.winner)
     run_id = runs["variant_runs"][selection.winner]
     with promotion_lock(uri, name):

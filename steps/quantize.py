@@ -4,7 +4,7 @@ from zenml import step
 
 from edgeopt.artifacts import Dataset, ModelArtifact
 from edgeopt.config import QuantConfig
-from edgeopt.quantization import quantize_model
+from edgeopt.precisions import quantize_model
 from materializers import ModelArtifactMaterializer
 
 

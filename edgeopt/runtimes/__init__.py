@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class Predictor(ABC):
         return np.concatenate(out)
 
 
-def predictor_class(runtime: str) -> type[Predictor]:
+def predictor_class(runtime: str) -> Callable[[Path, int], Predictor]:
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
     module, _, cls = RUNTIMES[runtime].partition(":")
