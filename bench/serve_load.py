@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from edgeopt import formats  # noqa: E402
 from edgeopt.artifacts import new_workdir  # noqa: E402
 from edgeopt.deploy import Bundle, deploy  # noqa: E402
 
@@ -79,11 +80,8 @@ def tiny_onnx(path: Path, *, shape: Sequence[int] = DIGITS, classes: int = 10, s
 def tiny_model_dir(fmt: str, **kwargs) -> Path:
     """A folder with ``model.onnx`` (fmt 'onnx') or ``model.xml``+``model.bin`` (fmt 'openvino')."""
     out = new_workdir(f"tiny-{fmt}")
-    tiny_onnx(out / "model.onnx", **kwargs)
-    if fmt == "openvino":
-        from edgeopt.export import onnx_to_openvino
-
-        onnx_to_openvino(out / "model.onnx", out / "model.xml")
+    with tempfile.TemporaryDirectory() as tmp:
+        formats.get(fmt).from_onnx(tiny_onnx(Path(tmp) / "model.onnx", **kwargs), out)
     return out
 
 
@@ -91,10 +89,12 @@ def deploy_tiny(root: Path, model_dir: Path, *, fmt: str, version: str, shape: S
                 labels: Sequence[str] = tuple(LABELS), keep: int = 5) -> Bundle:
     """Deploy a model folder from :func:`tiny_model_dir` as the next bundle of ``root``."""
     c = shape[0]
+    f = formats.get(fmt)
+    files = sorted((p.name for p in model_dir.iterdir() if p.name.startswith("model.")),
+                   key=lambda n: (n != f.model_filename, n))  # the file a runtime opens first
     return deploy(
-        model_dir, root, name=f"tiny-v{version}",
-        model_files=["model.onnx"] if fmt == "onnx" else ["model.xml", "model.bin"],
-        runtime={"runtime": "onnxruntime" if fmt == "onnx" else "openvino", "threads": 1}, labels=list(labels),
+        model_dir, root, name=f"tiny-v{version}", model_files=files,
+        runtime={"runtime": f.native_runtime, "threads": 1}, labels=list(labels),
         keep=keep, info={
             "registered_model": "tiny", "version": version, "variant": f"tiny-fp32-{fmt}",
             "metrics": {"accuracy": 0.5}, "preprocessing": {

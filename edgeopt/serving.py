@@ -19,7 +19,6 @@ bearer token, which then guards every endpoint (/health shows its status alone w
 from __future__ import annotations
 
 import hmac
-import io
 import ipaddress
 import logging
 import os
@@ -35,12 +34,12 @@ import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
 
 from edgeopt.deploy import Bundle
+from edgeopt.images import ImageError, ImageTooLarge, decode_image
 from edgeopt.runtimes import Predictor, make_predictor
 
 log = logging.getLogger(__name__)
@@ -294,17 +293,12 @@ def tensor_from_image(data: bytes, pre: _Preprocessing) -> np.ndarray:
         raise HTTPException(422, f"this model takes {c}-channel input, which no image has; send a tensor")
     if not data:
         raise HTTPException(422, "file: empty upload")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise HTTPException(413, f"file: image of {im.width}x{im.height} pixels is larger than "
-                                         f"{MAX_IMAGE_PIXELS} pixels")
-            im = ImageOps.exif_transpose(im).convert(mode).resize((w, h), Image.BILINEAR)
-            x = np.asarray(im, dtype=np.float32) / 255.0
-    except HTTPException:
-        raise
-    except Exception as err:  # noqa: BLE001 - decoding untrusted bytes: any failure means "not an image"
-        raise HTTPException(422, f"file: not a readable image ({type(err).__name__})") from None
+    try:  # the decoder training used: same EXIF rotation, bit-depth scaling, conversion and resize
+        x = decode_image(data, (h, w), mode, max_pixels=MAX_IMAGE_PIXELS, name="file").astype(np.float32) / 255.0
+    except ImageTooLarge as err:
+        raise HTTPException(413, str(err)) from None
+    except ImageError as err:
+        raise HTTPException(422, str(err)) from None
     x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
     mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
     return ((x - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
