@@ -7,26 +7,32 @@ A bad file fails fast with one line naming the field's path and what was expecte
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
-from typing import Annotated, List, Literal, Optional, Tuple
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgeopt import precisions
+from edgeopt.precisions.nncf_backend import AccuracyControlOptions, NNCFOptions
+from edgeopt.precisions.ort import OrtOptions
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-Runtime = Literal["onnxruntime", "openvino"]
-Format = Literal["onnx", "openvino"]
-Scheme = Literal["fp32", "fp16", "int8", "int8-dynamic", "int8-acc"]
 
-# Which runtime can run which exported format. OpenVINO reads ONNX too; ONNX Runtime cannot read IR.
-RUNTIMES_FOR_FORMAT = {"onnx": ("onnxruntime", "openvino"), "openvino": ("openvino",)}
-# Which precision schemes each format supports (dynamic INT8 is an ONNX Runtime technique).
-SCHEMES_FOR_FORMAT = {
-    "onnx": ("fp32", "fp16", "int8", "int8-dynamic", "int8-acc"),
-    "openvino": ("fp32", "fp16", "int8", "int8-acc"),
-}
+def resolve_path(p: Path) -> Path:
+    """A path from the config: relative paths are under the checkout."""
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+def _known_precision(name: str) -> str:
+    if name != precisions.IDENTITY:
+        precisions.get(name)  # raises ValueError naming the known ones
+    return name
+
+
+# A precision: fp32 or a recipe registered in edgeopt.precisions (fp16, int8, int8-dynamic, int8-acc, ...);
+# which formats each applies to: edgeopt.precisions.formats_for.
+Scheme = Annotated[str, AfterValidator(_known_precision)]
 
 
 # Names of edgeopt.models.ARCHITECTURES, listed here so that validating a config imports no torch.
@@ -78,7 +84,7 @@ class DataConfig(_Strict):
     def _mean_std_together(self):
         if (self.mean is None) != (self.std is None):
             raise ValueError("data.mean and data.std go together: set both or neither")
-        if self.std is not None and (len(self.std) != len(self.mean) or min(self.std) <= 0):
+        if self.std is not None and (len(self.std) != len(self.mean or []) or min(self.std) <= 0):
             raise ValueError("data.std: one positive value per channel, as many as data.mean")
         return self
 
@@ -87,19 +93,78 @@ class DataConfig(_Strict):
         if self.source == "imagefolder":
             if self.root is None:
                 raise ValueError("data.root is required when data.source is 'imagefolder'")
-            root = self.root if self.root.is_absolute() else PROJECT_ROOT / self.root
+            root = resolve_path(self.root)
             if not root.is_dir():
                 raise ValueError(f"data.root: folder not found: {self.root}")
         return self
 
 
-class TrainConfig(_Strict):
+class AugmentConfig(_Strict):
+    """What each training image goes through before normalization (torchvision transforms v2, drawn
+    per image). A KD teacher sees the very same views as the student (function matching). Every
+    option is off by default, so ``augment: {}`` trains on the images as they are."""
+
+    random_resized_crop: Optional[float] = Field(
+        None, gt=0, le=1, description="Crop a random region of at least this fraction of the area (aspect 3/4 to "
+                                      "4/3) and resize it back (torchvision's ImageNet recipe: 0.08); null: off.",
+    )
+    hflip: bool = Field(False, description="Mirror half of the images left-right (off where a mirror changes the "
+                                           "class: digits, text).")
+    color_jitter: float = Field(0.0, ge=0, le=1, description="Brightness, contrast and saturation jitter; 0: off.")
+    shift_px: float = Field(0.0, ge=0, le=8, description="Random sub-pixel translation of up to this many pixels "
+                                                         "(border padding): what tiny images bear.")
+
+
+class FitConfig(_Strict):
+    """How a model is trained (the teacher, the student and every KD fine-tune after a shrink): steps
+    with a linear warm-up and a cosine decay, augmentation, evaluation on the val split with early
+    stop, BatchNorm recalibration."""
+
+    epochs: int = Field(10, ge=1, le=1000, description="Passes over the train split (when `steps` is not set).")
+    steps: Optional[int] = Field(
+        None, ge=1, le=10_000_000, description="Optimizer steps; default: epochs x batches per epoch.",
+    )
+    batch_size: int = Field(64, ge=1, le=4096)
+    lr: float = Field(0.01, gt=0, le=10, description="Peak learning rate, reached after the warm-up.")
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="sgd: momentum 0.9, Nesterov (training from scratch); adamw (fine-tuning pretrained weights).",
+    )
+    warmup: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of the steps over which the learning rate rises linearly to `lr`; "
+                                     "a cosine decay to 0 follows.",
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the hard-label cross-entropy.")
+    augment: AugmentConfig | Literal["auto"] = Field(
+        "auto", description="'auto': chosen from the data (crops of at least half the area and mirrors for RGB "
+                            "images of 32 pixels a side or more, crops alone for grayscale ones, a 1-pixel shift for "
+                            "digits and smaller images); or the options, e.g. {random_resized_crop: 0.35, hflip: true, "
+                            "color_jitter: 0.2}; {} for none.",
+    )
+    eval_every: Optional[int] = Field(
+        None, ge=1, description="Evaluate on the val split every this many steps; default: once per epoch.",
+    )
+    patience: Optional[int] = Field(
+        None, ge=1, description="Stop after this many evaluations without a better val accuracy; null: run every "
+                                "step. The weights best on val are kept either way.",
+    )
+    bn_recalibration_batches: int = Field(
+        10, ge=0, le=100000, description="Before each evaluation, recompute BatchNorm statistics over this many "
+                                         "un-augmented train batches (MobileNetV3 and EfficientNet need it); 0: off.",
+    )
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _auto_or_options(cls, v):
+        if not isinstance(v, (dict, AugmentConfig)) and v != "auto":
+            raise ValueError("expected 'auto' or a mapping of options (random_resized_crop, hflip, color_jitter, "
+                             "shift_px)")
+        return v
+
+
+class TrainConfig(FitConfig):
     arch: str = Field(description="Architecture name from edgeopt.models.ARCHITECTURES.")
     width: int = Field(16, ge=1, le=512, description="Base channel width of the small architectures.")
-    epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(64, ge=1, le=4096)
-    lr: float = Field(0.01, gt=0, le=10)
-    weight_decay: float = Field(5e-4, ge=0, le=1)
 
     @field_validator("arch")
     @classmethod
@@ -110,29 +175,50 @@ class TrainConfig(_Strict):
 
 
 class TeacherConfig(TrainConfig):
+    """The model to compress: trained here from scratch (``arch``), or brought by the user as a state dict
+    for ``arch`` (``checkpoint``) or as an ONNX file (``onnx``). It is the reference every variant is
+    compared with, the KD teacher of the student, and a base for variants of its own."""
+
+    arch: Optional[str] = Field(None, description="Architecture name (edgeopt.models.ARCHITECTURES); "  # type: ignore[assignment]
+                                                  "not needed for an ONNX model.")
     checkpoint: Optional[Path] = Field(
         None, description="Load the teacher from this state dict (.pt/.pth, or .safetensors) for `arch` "
                           "instead of training it.",
     )
-    onnx: Optional[Path] = Field(None, description="Use this ONNX model as the teacher instead of training one.")
+    onnx: Optional[Path] = Field(None, description="Use this ONNX model (any single-input image classifier, "
+                                                   "fixed or dynamic batch) instead of training one.")
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v):
+        if v is not None and v not in ARCHITECTURE_NAMES:
+            raise ValueError(f"unknown architecture {v!r}; expected one of {', '.join(ARCHITECTURE_NAMES)}")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self):
         if self.checkpoint is not None and self.onnx is not None:
             raise ValueError("set at most one of teacher.checkpoint and teacher.onnx")
+        if self.arch is None and self.onnx is None:
+            raise ValueError("teacher.arch is required unless teacher.onnx brings the model")
         for field, suffixes in (("checkpoint", (".pt", ".pth", ".safetensors")), ("onnx", (".onnx",))):
             path = getattr(self, field)
             if path is None:
                 continue
             if path.suffix not in suffixes:
                 raise ValueError(f"teacher.{field}: expected a {'/'.join(suffixes)} file, got {path.name}")
-            if not (path if path.is_absolute() else PROJECT_ROOT / path).is_file():
+            if not resolve_path(path).is_file():
                 raise ValueError(f"teacher.{field}: file not found: {path}")
         return self
 
     @property
     def source(self) -> Optional[Path]:
         return self.checkpoint or self.onnx
+
+    @property
+    def is_torch(self) -> bool:
+        """Structural techniques (pruning, low-rank, sparsity) need a torch model."""
+        return self.onnx is None
 
 
 class KDConfig(_Strict):
@@ -142,126 +228,94 @@ class KDConfig(_Strict):
 
 class StudentConfig(TrainConfig):
     kd: KDConfig = KDConfig()
-
-
-class FinetuneConfig(_Strict):
-    finetune_epochs: int = Field(3, ge=0, le=1000, description="KD fine-tune epochs after the change.")
-    lr: float = Field(0.005, gt=0, le=10, description="Fine-tune learning rate.")
-
-
-class PruneConfig(FinetuneConfig):
-    """Structured channel pruning (torch-pruning): the model gets physically smaller."""
-
-    importance: Literal["l1", "l2", "taylor", "bn_scale", "fpgm", "random"] = Field(
-        "l2", description="Channel importance criterion (torch-pruning importances).",
-    )
-    global_pruning: bool = Field(False, description="Rank channels across all layers instead of per layer.")
-    iterative_steps: int = Field(1, ge=1, le=100, description="Reach the ratio in this many pruning steps.")
-
-
-class LowRankConfig(FinetuneConfig):
-    """Truncated-SVD factorization of Linear and Conv layers (k x k conv -> k x k to rank r, then 1x1)."""
-
-    min_params_saved: float = Field(
-        0.1, ge=0, lt=1, description="Factorize a layer only when it saves at least this fraction of its weights.",
+    checkpoint: Optional[Path] = Field(
+        None, description="Start from this state dict (.pt/.pth or .safetensors; e.g. ImageNet weights for `arch`): "
+                          "every tensor whose name and shape match is loaded, the rest (a classifier for another "
+                          "number of classes) keeps its fresh initialization.",
     )
 
-
-class SparsityConfig(FinetuneConfig):
-    """Unstructured magnitude pruning: zeros in dense tensors (smaller once compressed, no speedup)."""
-
-    global_pruning: bool = Field(True, description="One magnitude threshold across all layers.")
-
-
-class OrtQuantConfig(_Strict):
-    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field("minmax")
-    per_channel: bool = Field(True, description="Per-channel weight scales.")
-    activation_type: Literal["int8", "uint8"] = Field(
-        "int8", description="int8: S8S8 (ORT's first choice on x86); uint8: U8S8."
-    )
-    reduce_range: bool = Field(False, description="7-bit weights (helps U8S8 on AVX2/AVX512 without VNNI).")
-
-
-class NNCFQuantConfig(_Strict):
-    preset: Literal["performance", "mixed"] = Field(
-        "performance", description="performance: symmetric; mixed: asymmetric activations."
-    )
-    subset_size: int = Field(300, ge=1, le=100000, description="Calibration samples NNCF uses (<= calibration_samples).")
-    fast_bias_correction: bool = True
-
-
-class AccuracyControlConfig(_Strict):
-    max_drop: float = Field(1.0, gt=0, le=100, description="Largest accuracy drop vs FP32 on the val split (points).")
-    max_iterations: int = Field(20, ge=1, le=1000, description="Most layers reverted to FP32.")
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_file(cls, v):
+        if v is not None and v.suffix not in (".pt", ".pth", ".safetensors"):
+            raise ValueError(f"expected a .pt/.pth/.safetensors file, got {v.name}")
+        if v is not None and not resolve_path(v).is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
 
 
 class QuantConfig(_Strict):
+    """``variants.quant``: the options of every precision recipe, grouped by the tool that applies them;
+    each recipe reads the groups it uses (edgeopt.precisions)."""
+
     calibration_samples: int = Field(
         200, ge=1, le=100000, description="Calibration images drawn from the train split."
     )
-    onnxruntime: OrtQuantConfig = OrtQuantConfig()
-    nncf: NNCFQuantConfig = NNCFQuantConfig()
-    accuracy_control: AccuracyControlConfig = AccuracyControlConfig()
+    onnxruntime: OrtOptions = OrtOptions()
+    nncf: NNCFOptions = NNCFOptions()
+    accuracy_control: AccuracyControlOptions = AccuracyControlOptions()
+
+
+BASES = ("teacher", "student")
 
 
 class VariantsConfig(_Strict):
-    prune_ratios: List[Annotated[float, Field(ge=0, lt=1)]] = Field(
-        [0.0, 0.5], min_length=1, description="Structured channel-pruning ratios; 0 means the unpruned student."
+    bases: List[Literal["teacher", "student"]] = Field(
+        ["teacher", "student"], min_length=1,
+        description="Models that variants are made of: 'teacher' (the trained or brought model) and 'student' "
+                    "(the distilled one). The teacher's FP32 ONNX is always measured: it is the reference.",
     )
-    lowrank_energies: List[Annotated[float, Field(gt=0, lt=1)]] = Field(
-        [], description="Low-rank variants: keep this fraction of each layer's singular-value energy.",
-    )
-    sparsities: List[Annotated[float, Field(gt=0, lt=1)]] = Field(
-        [], description="Unstructured magnitude-pruning ratios (fraction of weights set to zero).",
+    shrink: Dict[str, Any] = Field(
+        {}, description="Structural techniques for torch bases, by name (prune, lowrank, sparsity, or any "
+                        "registered in edgeopt.techniques): {amounts: [...], finetune_epochs, lr, and the "
+                        "technique's own options}. Each amount is a variant, KD fine-tuned from the teacher.",
     )
     quantization: List[Scheme] = Field(
         ["fp32", "int8"], min_length=1,
         description="fp32, fp16, int8 (static PTQ: ORT QDQ / NNCF), int8-dynamic (ORT, ONNX only), "
                     "int8-acc (NNCF accuracy-controlled PTQ)",
     )
-    formats: List[Format] = Field(["onnx", "openvino"], min_length=1)
-    runtimes: List[Runtime] = Field(
+    formats: List[str] = Field(["onnx", "openvino"], min_length=1, description="Export formats (edgeopt.formats).")
+    runtimes: List[str] = Field(
         ["onnxruntime", "openvino"], min_length=1,
-        description="Runtimes to evaluate on; each format runs on the runtimes that can read it.",
+        description="Runtimes to evaluate on (edgeopt.runtimes); each format runs on the runtimes that can read it.",
     )
-    prune: PruneConfig = PruneConfig()
-    lowrank: LowRankConfig = LowRankConfig()
-    sparsity: SparsityConfig = SparsityConfig()
     quant: QuantConfig = QuantConfig()
 
-    @field_validator("prune_ratios", "lowrank_energies", "sparsities", "quantization", "formats", "runtimes")
+    @field_validator("bases", "quantization", "formats", "runtimes")
     @classmethod
     def _unique(cls, v):
         if len(set(v)) != len(v):
             raise ValueError(f"duplicate entries in {v}")
         return v
 
-    @model_validator(mode="after")
-    def _some_variant(self):
-        if not self.combinations():
-            raise ValueError(
-                f"no variant: no format in {self.formats} runs on a runtime in {self.runtimes} with a scheme in "
-                f"{self.quantization} (onnx runs on onnxruntime/openvino, openvino IR on openvino; "
-                f"int8-dynamic is ONNX-only)"
-            )
-        return self
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v):
+        from edgeopt.formats import get
 
-    def shrinks(self) -> List[Tuple[str, float, str]]:
-        """(method, amount, tag) of every structural recipe: ``none`` (the student), ``prune``,
-        ``lowrank``, ``sparsity``; the tag names the variant, e.g. p50, lr90, sp50."""
-        return (
-            [("none" if r == 0 else "prune", r, f"p{round(r * 100)}") for r in self.prune_ratios]
-            + [("lowrank", e, f"lr{round(e * 100)}") for e in self.lowrank_energies]
-            + [("sparsity", s, f"sp{round(s * 100)}") for s in self.sparsities]
-        )
+        for f in v:
+            get(f)
+        return v
 
-    def combinations(self) -> List[Tuple[str, str, str, str]]:
-        """(shrink tag, format, scheme, runtime) for every variant of the student."""
-        return [
-            (tag, f, s, rt)
-            for (_, _, tag), f, s, rt in itertools.product(self.shrinks(), self.formats, self.quantization, self.runtimes)
-            if rt in RUNTIMES_FOR_FORMAT[f] and s in SCHEMES_FOR_FORMAT[f]
-        ]
+    @field_validator("runtimes")
+    @classmethod
+    def _known_runtimes(cls, v):
+        from edgeopt.runtimes import RUNTIMES
+
+        unknown = [r for r in v if r not in RUNTIMES]
+        if unknown:
+            raise ValueError(f"unknown runtime {unknown[0]!r}; expected one of {', '.join(RUNTIMES)}")
+        return v
+
+    @field_validator("shrink", mode="before")
+    @classmethod
+    def _technique_options(cls, v):
+        from edgeopt.techniques import parse_options
+
+        if not isinstance(v, dict):
+            raise ValueError("expected a mapping {technique: options}")
+        return parse_options(v)
 
 
 class ConstraintsConfig(_Strict):
@@ -336,7 +390,7 @@ class RunConfig(_Strict):
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
     teacher: TeacherConfig
-    student: StudentConfig
+    student: Optional[StudentConfig] = Field(None, description="The student to distill; null: none.")
     variants: VariantsConfig = VariantsConfig()
     target: TargetConfig = TargetConfig()
     selection: SelectionConfig = SelectionConfig()
@@ -345,11 +399,28 @@ class RunConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     deploy: DeployConfig = DeployConfig()
 
+    @model_validator(mode="after")
+    def _bases_and_variants(self):
+        if "student" in self.variants.bases and self.student is None:
+            raise ValueError("variants.bases names 'student' but there is no student section")
+        from edgeopt.plan import variant_plan
+
+        plan = variant_plan(self)
+        missing = [b for b in self.variants.bases if not any(x.shrink.base == b for x in plan.builds)]
+        if missing:
+            v = self.variants
+            raise ValueError(
+                f"no variant of the {missing[0]}: no format in {v.formats} runs on a runtime in {v.runtimes} with a "
+                f"precision in {v.quantization} (onnx runs on onnxruntime/openvino, openvino IR on openvino; "
+                f"int8-dynamic is ONNX-only)"
+            )
+        return self
+
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{state_dir() / 'mlflow.db'}"
 
     def deploy_root(self) -> Path:
-        return self.deploy.root if self.deploy.root.is_absolute() else PROJECT_ROOT / self.deploy.root
+        return resolve_path(self.deploy.root)
 
 
 def state_dir() -> Path:

@@ -115,6 +115,8 @@ def variant_plan(cfg: RunConfig) -> Plan:
     if reference is None:  # the teacher is not a base here: it is measured as the reference only
         reference = BuildSpec(ShrinkSpec("teacher"), REFERENCE_FORMAT, REFERENCE_PRECISION, (ref_runtime,))
         builds.insert(0, reference)
+        if reference.shrink not in shrinks:
+            shrinks.insert(0, reference.shrink)
     elif ref_runtime not in reference.runtimes:
         builds[builds.index(reference)] = reference = BuildSpec(
             reference.shrink, REFERENCE_FORMAT, REFERENCE_PRECISION, (ref_runtime, *reference.runtimes))

@@ -34,8 +34,9 @@ def compress(config: dict) -> None:
                             source_sha256=file_sha256(source) if source else None)
     bases = {"teacher": teacher}
     if cfg.student is not None and "student" in v.bases:
+        start = cfg.student.checkpoint
         bases["student"] = distill_student(dataset, teacher, student=cfg.student.model_dump(mode="json"),
-                                           seed=cfg.seed)
+                                           seed=cfg.seed, source_sha256=file_sha256(start) if start else None)
     checkpoints = {
         s.key: bases[s.base] if s.technique is None else shrink(
             bases[s.base], teacher, dataset, technique=s.technique, amount=s.amount,
