@@ -14,9 +14,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 import numpy as np
+
+from edgeopt import formats
+from edgeopt.npyrows import NpyRows
 
 MANIFEST = "manifest.json"
 
@@ -46,6 +49,9 @@ def fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
+A = TypeVar("A", bound="FolderArtifact")
+
+
 class FolderArtifact:
     """A folder with a manifest. Subclasses name their ``KIND`` and add typed accessors."""
 
@@ -58,7 +64,7 @@ class FolderArtifact:
             raise ValueError(f"{self.path}: manifest kind {self.manifest.get('kind')!r}, expected {self.KIND!r}")
 
     @classmethod
-    def write(cls, path: Path, info: Dict[str, Any]) -> "FolderArtifact":
+    def write(cls: type[A], path: Path, info: Dict[str, Any]) -> A:
         """Finish a folder whose files are written: hash them into the manifest and open it."""
         path = Path(path)
         files = {
@@ -88,7 +94,7 @@ class FolderArtifact:
     def size_bytes(self) -> int:
         return sum(meta["bytes"] for meta in self.manifest["files"].values())
 
-    def copy_to(self, dest: Path) -> "FolderArtifact":
+    def copy_to(self: A, dest: Path) -> A:
         shutil.copytree(self.path, dest, dirs_exist_ok=True)
         return type(self)(dest)
 
@@ -105,12 +111,72 @@ def _json_default(o):
 
 
 class Dataset(FolderArtifact):
-    """Train/val/test arrays: ``x_<split>.npy`` (N, C, H, W float32, normalized), ``y_<split>.npy``."""
+    """Train/val/test images, kept as uint8 on disk and read a batch at a time.
+
+    Files per split: ``images_<split>.npy`` (N x C x H x W uint8, at the configured size) and
+    ``y_<split>.npy`` (int64). The manifest holds ``scale``, ``mean`` and ``std``: the model's input
+    is ``(images / scale - mean) / std`` per channel, computed per batch by :meth:`normalize`. uint8 is a
+    quarter of float32's bytes, and reading only a batch's rows keeps a dataset larger than memory
+    trainable; :meth:`split` loads a whole split for small data and older callers.
+    """
 
     KIND = "dataset"
 
-    def split(self, name: str):
-        return np.load(self.path / f"x_{name}.npy"), np.load(self.path / f"y_{name}.npy")
+    def size(self, split: str) -> int:
+        return int(self.manifest["sizes"][split])
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.load(self.path / f"y_{split}.npy")
+
+    def raw(self, split: str) -> np.ndarray:
+        """The split's uint8 images, memory-mapped (pages touched stay in this process's RSS: prefer batches)."""
+        return np.load(self.path / f"images_{split}.npy", mmap_mode="r")
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.asarray(self.manifest["mean"], np.float32)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.asarray(self.manifest["std"], np.float32)
+
+    @property
+    def scale(self) -> float:
+        """What a pixel's uint8 value is divided by to lie in [0, 1]: 255, or 16 for digits' 0..16 values."""
+        return float(self.manifest["scale"])
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """uint8 images (N x C x H x W, or C x H x W) -> the model's float32 input."""
+        x = np.asarray(x, dtype=np.float32) / np.float32(self.scale)
+        return ((x - self.mean[:, None, None]) / self.std[:, None, None]).astype(np.float32, copy=False)
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                normalized: bool = True, limit: Optional[int] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """``(x, y)`` batches of the split, reading only each batch's rows from disk.
+
+        ``shuffle`` draws a seeded permutation of the split; ``limit`` keeps its first ``limit``
+        images. Within a batch the rows come in file order (sorted indices read faster), with ``y``
+        in the same order. ``x`` is normalized float32, or the stored uint8 when ``normalized`` is false.
+        """
+        n = self.size(split)
+        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+        order = order[:limit] if limit is not None else order
+        y = self.labels(split)
+        rows = NpyRows(self.path / f"images_{split}.npy")
+        for start in range(0, len(order), batch_size):
+            idx = np.sort(order[start:start + batch_size])
+            x = rows.read(idx)
+            yield (self.normalize(x) if normalized else x), y[idx]
+
+    def sample(self, split: str, n: int, seed: int = 0) -> np.ndarray:
+        """``n`` normalized images drawn without replacement (seeded), e.g. for calibration; all if fewer."""
+        size = self.size(split)
+        idx = np.sort(np.random.default_rng(seed).permutation(size)[: min(n, size)])
+        return self.normalize(NpyRows(self.path / f"images_{split}.npy").read(idx))
+
+    def split(self, name: str) -> Tuple[np.ndarray, np.ndarray]:
+        """The whole split as normalized float32 and its labels, in memory (4 bytes a pixel: small data only)."""
+        return self.normalize(np.load(self.path / f"images_{name}.npy")), self.labels(name)
 
     @property
     def classes(self) -> List[str]:
@@ -133,6 +199,11 @@ class Checkpoint(FolderArtifact):
     @property
     def role(self) -> str:
         return self.manifest["role"]
+
+    @property
+    def onnx_file(self) -> Path | None:
+        """The model file of a base brought as ONNX (it has no torch weights), else None."""
+        return self.path / "model.onnx" if "model.onnx" in self.manifest["files"] else None
 
 
 class ModelArtifact(FolderArtifact):
@@ -158,15 +229,12 @@ class ModelArtifact(FolderArtifact):
 
     @property
     def model_file(self) -> Path:
-        return self.path / ("model.onnx" if self.format == "onnx" else "model.xml")
+        return formats.get(self.format).model_file(self.path)
 
     @property
     def model_bytes(self) -> int:
         """Bytes of the model itself (for IR: .xml + .bin), without the manifest."""
         return sum(m["bytes"] for n, m in self.manifest["files"].items() if n.startswith("model."))
-
-
-ARTIFACT_TYPES = {cls.KIND: cls for cls in (Dataset, Checkpoint, ModelArtifact)}
 
 
 def model_or_failure(build, *, variant: str, fmt: str, recipe: Dict[str, Any], lineage: Dict[str, Any]) -> ModelArtifact:

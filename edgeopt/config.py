@@ -7,6 +7,7 @@ A bad file fails fast with one line naming the field's path and what was expecte
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
@@ -424,8 +425,9 @@ class RunConfig(_Strict):
 
 
 def state_dir() -> Path:
-    """Where edgeopt keeps its local state (MLflow store, artifacts); inside the checkout."""
-    d = PROJECT_ROOT / ".edgeopt"
+    """Where edgeopt keeps its local state (MLflow store, decoded-image cache): ``EDGEOPT_STATE_DIR``,
+    else ``.edgeopt`` inside the checkout (the tests point it at their own temporary folder)."""
+    d = Path(os.environ.get("EDGEOPT_STATE_DIR") or PROJECT_ROOT / ".edgeopt")
     d.mkdir(parents=True, exist_ok=True)
     return d
 

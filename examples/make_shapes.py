@@ -1,6 +1,7 @@
 """Generate examples/shapes: a small ImageFolder (circle / square / triangle, 32x32 RGB PNGs).
 
-It stands in for a user's own images in configs/imagefolder.yaml and in the tests:
+It stands in for a user's own images in configs/imagefolder.yaml, in the tests and (as 224x224
+textured JPEGs) in bench/data_memory.py:
     python examples/make_shapes.py [out_dir] [images_per_class]
 """
 
@@ -10,10 +11,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+CLASSES = ("circle", "square", "triangle")
 
-def make_shapes(out: Path, per_class: int = 40, size: int = 32, seed: int = 0) -> Path:
+
+def make_shapes(out: Path, per_class: int = 40, size: int = 32, seed: int = 0, *,
+                suffix: str = ".png", noise: float = 0.0) -> Path:
+    """Write ``per_class`` images of each shape under ``out/<class>/``.
+
+    ``noise`` adds that much Gaussian grain (in 0..255 units) so that images differ in texture, not
+    only in colour and position, and compress like photos rather than like flat drawings.
+    """
     rng = np.random.default_rng(seed)
-    for cls in ("circle", "square", "triangle"):
+    for cls in CLASSES:
         (out / cls).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             bg = tuple(int(c) for c in rng.integers(0, 90, 3))
@@ -28,7 +37,14 @@ def make_shapes(out: Path, per_class: int = 40, size: int = 32, seed: int = 0) -
                 d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fg)
             else:
                 d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
-            im.save(out / cls / f"{cls}_{i:03d}.png", optimize=True)
+            if noise:
+                grain = rng.normal(0, noise, (size, size, 1)).astype(np.float32)
+                im = Image.fromarray(np.clip(np.asarray(im, np.float32) + grain, 0, 255).astype(np.uint8))
+            path = out / cls / f"{cls}_{i:03d}{suffix}"
+            if suffix == ".png":
+                im.save(path, optimize=True)
+            else:
+                im.save(path, quality=90)
     return out
 
 

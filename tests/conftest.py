@@ -8,6 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 _STATE = Path(tempfile.mkdtemp(prefix="edgeopt-tests-"))
 os.environ["ZENML_CONFIG_PATH"] = str(_STATE / "zenml")
+os.environ["EDGEOPT_STATE_DIR"] = str(_STATE / "edgeopt")
 os.environ["ZENML_ANALYTICS_OPT_IN"] = "false"
 os.environ["ZENML_ENABLE_RICH_TRACEBACK"] = "false"
 os.environ["MLFLOW_ENABLE_TELEMETRY"] = "false"
