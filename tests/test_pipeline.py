@@ -1,5 +1,6 @@
 """End to end on the real local stack: ZenML (SQLite), MLflow (SQLite), ONNX Runtime, OpenVINO."""
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from zenml.client import Client
@@ -95,3 +96,47 @@ def test_rerun_reuses_training_and_a_new_variant_list_does_not_retrain(first_run
         "student-int8-onnx@onnxruntime", "student-int8-onnx@openvino"}
     run = Client().get_pipeline_run("tiny-fewer")
     assert run.status == ExecutionStatus.COMPLETED
+
+
+def test_a_brought_fixed_batch_onnx_model_is_a_base_end_to_end(tiny_raw, teacher_ckpt, state_dir):
+    """A user's own classifier: ONNX, fixed batch of 1, a softmax inside, its own tensor names. It is
+    the reference, gets precision variants of its own, teaches the student, and its winner serves."""
+    import torch
+    from torch import nn
+
+    from edgeopt.data import load_dataset
+    from edgeopt.models import load_checkpoint
+    from edgeopt.serving import load_bundle
+
+    path = state_dir / "brought.onnx"
+    torch.onnx.export(nn.Sequential(load_checkpoint(teacher_ckpt), nn.Softmax(dim=1)).eval(), (torch.zeros(1, 1, 8, 8),),
+                      str(path), dynamo=False, opset_version=17, input_names=["pixels"], output_names=["scores"])
+    raw = {**tiny_raw, "name": "tiny-brought", "teacher": {"onnx": str(path)},
+           "student": {**tiny_raw["student"], "epochs": 3},
+           "variants": {**tiny_raw["variants"], "bases": ["teacher", "student"], "shrink": {},
+                        "formats": ["onnx"], "runtimes": ["onnxruntime"]},
+           "target": {**tiny_raw["target"], "constraints": {"max_accuracy_drop": 2.0}},
+           "registry": {"name": "tiny-brought"},
+           "tracking": {"uri": f"sqlite:///{state_dir / 'mlflow-brought.db'}", "experiment": "tiny-brought"},
+           "deploy": {"root": str(state_dir / "deploy-brought"), "keep": 2}}
+    out = run_pipeline(parse_config(raw), run_name="tiny-brought")
+    ev = out["evaluation"]
+    assert {r.variant for r in ev.results} == {
+        "teacher-fp32-onnx@onnxruntime", "teacher-int8-onnx@onnxruntime",
+        "student-fp32-onnx@onnxruntime", "student-int8-onnx@onnxruntime"}
+    assert all(r.ok for r in ev.results), [r.reason for r in ev.results if not r.ok]
+    assert ev.reference.variant == "teacher-fp32-onnx@onnxruntime" and ev.reference.output == "probabilities"
+    m = {r.variant: r.metrics for r in ev.results}
+    int8 = m["teacher-int8-onnx@onnxruntime"]
+    assert int8["int8_ops"] > 0 and int8["size_mb"] < 0.5 * m["teacher-fp32-onnx@onnxruntime"]["size_mb"]
+    assert int8["accuracy_drop"] < 2.0 and ev.result("teacher-int8-onnx@onnxruntime").lineage["base"] == "teacher"
+    assert ev.reference.accuracy > 0.85 and m["student-fp32-onnx@onnxruntime"]["accuracy"] > 0.8
+    assert out["selection"].winner and out["promotion"]["promoted"]
+    assert "vs the reference teacher-fp32-onnx@onnxruntime" in out["headline"]
+    root = parse_config(raw).deploy_root()
+    bundle = dep.current(root)
+    winner_base = out["selection"].winner.split("-")[0]
+    assert bundle.manifest["output"] == ("probabilities" if winner_base == "teacher" else "logits")
+    x, y = load_dataset(parse_config(raw).data, 0).split("test")
+    probs = load_bundle(root, "current").probabilities(x[:64])  # what the server answers
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-4) and (probs.argmax(1) == y[:64]).mean() > 0.8
