@@ -80,7 +80,7 @@ class _RuntimeSpec(BaseModel):
     threads: PositiveInt = 1
 
 
-_LABELS = TypeAdapter(Annotated[List[str], Field(min_length=1)])
+_LABELS: TypeAdapter[List[str]] = TypeAdapter(Annotated[List[str], Field(min_length=1)])
 
 
 def _first_error(err: ValidationError) -> str:
@@ -230,7 +230,7 @@ class ModelStore:
 # ---------------------------------------------------------------------------------------------- inputs
 
 _Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-_TENSORS = {3: TypeAdapter(List[List[List[_Finite]]]), 4: TypeAdapter(List[List[List[List[_Finite]]]])}
+_TENSORS: Dict[int, TypeAdapter[Any]] = {3: TypeAdapter(List[List[List[_Finite]]]), 4: TypeAdapter(List[List[List[List[_Finite]]]])}
 
 
 class _TensorBody(BaseModel):
@@ -401,9 +401,10 @@ def create_app(root: Path, *, token: Optional[str] = None, max_body_bytes: int =
             uploads = form.getlist("file")
             if not uploads:
                 raise HTTPException(422, "multipart body has no field 'file' (the image to classify)")
-            if not all(isinstance(u, UploadFile) for u in uploads):
+            files = [u for u in uploads if isinstance(u, UploadFile)]
+            if len(files) != len(uploads):
                 raise HTTPException(422, "field 'file' must be a file upload, not a text field")
-            make_batch = partial(tensor_from_images, [await u.read() for u in uploads], m.pre)
+            make_batch = partial(tensor_from_images, [await u.read() for u in files], m.pre)
         probs = await run_in_threadpool(lambda: m.probabilities(make_batch()))
         top = probs.argmax(axis=1)
         return {"bundle": m.name, "version": m.bundle.manifest.get("version"),

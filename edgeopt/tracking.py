@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import mlflow
+from filelock import FileLock
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
-from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from edgeopt.artifacts import ModelArtifact

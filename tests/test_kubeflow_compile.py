@@ -93,7 +93,8 @@ def test_variant_steps_are_parallel_branches(spec):
     tasks = _tasks(spec)
     upstream = {"load_data", "train_teacher", "distill_student"}
     variants = _ancestors(tasks, "evaluate") - upstream
-    assert {"export_student_onnx", "export_student_p50_onnx", "quantize_student_onnx_int8", "quantize_student_p50_openvino_int8"} <= variants
+    assert {"export_student_onnx", "export_student_p50_onnx", "quantize_student_onnx_int8",
+            "quantize_student_p50_openvino_int8"} <= variants
     for name in variants:
         deps = tasks[name][1]
         assert deps <= upstream | variants, (name, deps)
@@ -103,7 +104,8 @@ def test_variant_steps_are_parallel_branches(spec):
         for parent in deps & variants:
             assert name.split("_", 1)[1].startswith(parent.split("_", 1)[1] + "_"), (name, parent)
     assert tasks["export_student_onnx"][1] == {"load_data", "distill_student"}
-    assert "export_student_onnx" not in tasks["export_student_p50_onnx"][1] and "export_student_p50_onnx" not in tasks["export_student_onnx"][1]
+    assert "export_student_onnx" not in tasks["export_student_p50_onnx"][1]
+    assert "export_student_p50_onnx" not in tasks["export_student_onnx"][1]
     assert tasks["quantize_student_p50_onnx_int8"][1] == {"load_data", "export_student_p50_onnx"}
     # evaluate is where the branches join: it waits for every exported and quantized model
     assert {n for n in variants if n.startswith(("export_", "quantize_"))} <= tasks["evaluate"][1]

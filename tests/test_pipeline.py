@@ -65,8 +65,8 @@ def test_deployed_bundle_matches_the_champion(first_run, tiny_config):
     m = bundle.manifest
     assert m["version"] == first_run["promotion"]["version"] and m["variant"].split("@")[0] in first_run["selection"].winner
     assert (bundle.path / "labels.json").is_file() and (bundle.path / "runtime.json").is_file()
-    from edgeopt.runtimes import make_predictor
     from edgeopt.data import load_dataset
+    from edgeopt.runtimes import make_predictor
 
     x, y = load_dataset(tiny_config.data, 0).split("test")
     pred = make_predictor(m["runtime"], bundle.model_file)

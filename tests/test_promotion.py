@@ -1,6 +1,5 @@
 """Champion vs challenger, concurrent promotions, SIGKILL during deployment, rollback."""
 
-import json
 import multiprocessing as mp
 import os
 import random
@@ -8,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
