@@ -90,7 +90,7 @@ def run(config: Path, no_cache: bool, run_name: str | None, zenml_config: Path |
         click.echo(f"report: {report_dir / 'selection.md'}, {report_dir / 'pareto.png'}")
     click.echo(f"wall time {time.perf_counter() - t0:.1f} s")
     if require_promotion and not summary["selection"].winner:
-        click.echo(f"edgeopt: quality gate failed: {summary['promotion']['reason']}", err=True)
+        click.echo(f"edgeopt: quality gate failed: {summary['promotion'].reason}", err=True)
         _exit_now(3)
     _exit_now(0)
 

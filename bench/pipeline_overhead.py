@@ -154,7 +154,7 @@ def plain_run(cfg, run_name: str) -> Dict[str, float]:
                             decision=decision, models={m.variant: m for m in models}, report_md=report,
                             plot_png=plot.png, tags=tags)
     promote_winner(uri=uri, name=reg.name, alias=reg.alias, selection=sel, evaluation=evaluation, decision=decision,
-                   runs=runs, tags={**tags, "mlflow_parent_run_id": runs["parent_run_id"]})
+                   runs=runs, tags={**tags, "mlflow_parent_run_id": runs.parent_run_id})
     deploy_from_registry(uri=uri, name=reg.name, alias=reg.alias, root=cfg.deploy_root(),
                          dataset_manifest=dataset.manifest, keep=cfg.deploy.keep)
     (wall, cpu), mlflow = run.read(), [a + b for a, b in zip(mlflow, part.read())]

@@ -6,11 +6,12 @@
 2. Takes the promoted model from the registry (the champion alias) and the teacher checkpoint the
    run trained (its train_teacher step output).
 3. Baseline: the same teacher checkpoint exported to OpenVINO IR (edgeopt.export) and quantized
-   with NNCF post-training INT8 (edgeopt.quantization.quantize_model, scheme int8, with the
-   config's calibration settings): no distillation, no pruning.
-4. Evaluates both with the pipeline's own harness (edgeopt.evaluation.evaluate_variants: accuracy
-   on the same test split through the real runtime, latency interleaved in one process at the
-   target's threads and batch), --repeats times, and prints accuracy, p50, size and the ratios.
+   with NNCF post-training INT8 (edgeopt.precisions.quantize_model, precision int8, with the
+   config's variants.quant settings): no distillation, no pruning.
+4. Evaluates both, with the teacher's FP32 ONNX on ONNX Runtime as the reference, with the pipeline's
+   own harness (edgeopt.evaluation.evaluate_variants: accuracy on the same test split through the
+   real runtime, latency interleaved in one process at the target's threads and batch), --repeats
+   times, and prints accuracy, p50, size and the ratios.
 
 Goal: ours at least as accurate as the NNCF-quantized teacher, and both faster and smaller.
 
@@ -59,7 +60,7 @@ def quick_overrides(raw: dict) -> dict:
         **raw,
         "teacher": {**raw["teacher"], "epochs": 2},
         "student": {**raw["student"], "epochs": 3},
-        "variants": {**v, "prune": {**v.get("prune", {}), "finetune_epochs": 1}},
+        "variants": {**v, "shrink": {k: {**o, "finetune_epochs": 1} for k, o in v.get("shrink", {}).items()}},
         "target": {**t, "iterations": 20, "warmup": 3,
                    "constraints": {**t.get("constraints", {}), "max_accuracy_drop": None}},
     }
@@ -75,7 +76,7 @@ def compare(args: argparse.Namespace, state: Path) -> int:
     from edgeopt.benchmark import cpu_fingerprint
     from edgeopt.evaluation import evaluate_variants, variant_name
     from edgeopt.export import export_checkpoint
-    from edgeopt.quantization import quantize_model
+    from edgeopt.precisions import quantize_model
     from edgeopt.tracking import fetch_champion
     from pipelines.runner import output, run_pipeline
 
@@ -90,36 +91,38 @@ def compare(args: argparse.Namespace, state: Path) -> int:
         summary = run_pipeline(cfg, run_name=f"bench-vs-nncf-{time.strftime('%Y%m%d-%H%M%S')}")
     promotion, run = summary["promotion"], summary["run"]
     print(f"  pipeline done in {time.perf_counter() - t0:.0f} s; {summary['headline'].splitlines()[0]}")
-    if not promotion["promoted"]:
-        print(f"nothing was promoted ({promotion['reason']}): no model of ours to compare")
+    if not promotion.promoted:
+        print(f"nothing was promoted ({promotion.reason}): no model of ours to compare")
         return 1
 
     dataset = output(run, "load_data", "dataset")
     teacher = output(run, "train_teacher", "teacher")
     teacher_onnx = output(run, "export_teacher_onnx", "model")
-    ours, version, ours_runtime = fetch_champion(cfg.tracking_uri(), cfg.registry.name, cfg.registry.alias,
-                                                 state / "champion")
+    champion = fetch_champion(cfg.tracking_uri(), cfg.registry.name, cfg.registry.alias, state / "champion")
+    assert champion is not None  # promoted above
+    ours, version, ours_runtime = champion
     print("baseline: the same teacher checkpoint -> OpenVINO IR -> NNCF INT8 PTQ ...", flush=True)
     with silenced():
-        baseline = quantize_model(export_checkpoint(teacher, "openvino", dataset), "int8", dataset,
-                                  cfg.variants.quant, cfg.seed)
+        fp32 = export_checkpoint(teacher, "openvino", dataset, "nncf-teacher-fp32-openvino")
+        baseline = quantize_model(fp32, "int8", dataset, cfg.variants.quant, cfg.seed, "nncf-teacher-int8-openvino")
     if baseline.failed:
         raise SystemExit(f"the NNCF baseline failed to build: {baseline.manifest['reason']}")
     names = {"ours": variant_name(ours, ours_runtime), "nncf": variant_name(baseline, "openvino")}
-    runtimes = sorted({ours_runtime, "openvino"})
+    reference = variant_name(teacher_onnx, "onnxruntime")
+    evaluations = {ours.variant: [ours_runtime], baseline.variant: ["openvino"], teacher_onnx.variant: ["onnxruntime"]}
 
     metrics = {k: [] for k in names}
     teacher_acc = None
     for r in range(args.repeats):
         print(f"evaluating both with the pipeline's harness, repeat {r + 1}/{args.repeats} ...", flush=True)
         with silenced():
-            ev = evaluate_variants([ours, baseline], runtimes, dataset, teacher, teacher_onnx, cfg.target)
+            ev = evaluate_variants([ours, baseline, teacher_onnx], evaluations, dataset, reference, cfg.target)
         for k, name in names.items():
             res = ev.result(name)
             if not res.ok:
                 raise SystemExit(f"{name} failed to evaluate: {res.reason}")
             metrics[k].append(res.metrics)
-        teacher_acc = ev.teacher["accuracy"]
+        teacher_acc = ev.reference.accuracy
 
     n_test = dataset.manifest["sizes"]["test"]
     t = cfg.target
@@ -131,7 +134,7 @@ def compare(args: argparse.Namespace, state: Path) -> int:
         m = metrics[k]
         print(f"{label[k]:<18}{name:<40}{100 * m[0]['accuracy']:>11.2f}"
               f"{span([x['latency_p50_ms'] for x in m], '{:.4f}'):>26}{1e3 * m[0]['size_mb']:>10.1f}")
-    print(f"{'teacher FP32':<18}{'teacher@torch-eager':<40}{100 * teacher_acc:>11.2f}")
+    print(f"{'teacher FP32':<18}{reference:<40}{100 * teacher_acc:>11.2f}")
 
     acc_diff = 100 * (metrics["ours"][0]["accuracy"] - metrics["nncf"][0]["accuracy"])
     speedups = [n["latency_p50_ms"] / o["latency_p50_ms"] for o, n in zip(metrics["ours"], metrics["nncf"])]

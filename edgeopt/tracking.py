@@ -13,18 +13,49 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import mlflow
 from filelock import FileLock
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
 
 from edgeopt.artifacts import ModelArtifact
 from edgeopt.evaluation import Evaluation
 from edgeopt.pareto import Selection
 from edgeopt.promotion import Decision
+
+
+class TrackedRuns(BaseModel):
+    """The MLflow runs of one pipeline run: the parent and one per variant (``variant@runtime`` -> run id),
+    and the tags every one of them carries (provenance, ZenML run)."""
+
+    parent_run_id: str
+    experiment_id: str
+    variant_runs: Dict[str, str]
+    tags: Dict[str, str] = {}
+
+
+class PromotionResult(BaseModel):
+    """What ``promote`` did and why: the audit trail of one run (the version, when promoted)."""
+
+    promoted: bool
+    reason: str
+    rule: str
+    checks: List[str]
+    champion_before: Optional[str]
+    winner: Optional[str]
+    registered_model: Optional[str] = None
+    version: Optional[str] = None
+    alias: Optional[str] = None
+    variant: Optional[str] = None
+    run_id: Optional[str] = None
+    runtime: Optional[str] = None
+    runtime_settings: Dict[str, Any] = {}
+    metrics: Dict[str, float] = {}
+    lineage: Dict[str, Optional[str]] = {}
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +103,7 @@ def log_pipeline_run(
     report_md: str,
     plot_png: Path,
     tags: Dict[str, str],
-) -> Dict[str, Any]:
+) -> TrackedRuns:
     """Log the parent run and a nested run per variant; returns their run ids."""
     client = client_for(uri)
     exp = experiment_id(client, experiment, uri)
@@ -138,7 +169,7 @@ def log_pipeline_run(
         runs[r.variant] = rid
     client.set_terminated(pid, "FINISHED")
     log.info("track: MLflow run %s (%d variant runs) in experiment %r at %s", pid, len(runs), experiment, uri)
-    return {"parent_run_id": pid, "experiment_id": exp, "variant_runs": runs}
+    return TrackedRuns(parent_run_id=pid, experiment_id=exp, variant_runs=runs, tags=tags)
 
 
 def register_version(uri: str, name: str, run_id: str, tags: Dict[str, str], description: str = "") -> str:
@@ -192,8 +223,8 @@ def promotion_lock(uri: str, name: str) -> FileLock:
 
 def promote_winner(
     *, uri: str, name: str, alias: str, selection: Selection, evaluation: Evaluation, decision: Decision,
-    runs: Dict[str, Any], tags: Dict[str, str],
-) -> Dict[str, Any]:
+    runs: TrackedRuns, tags: Dict[str, str],
+) -> PromotionResult:
     """Register the winner as a new version of ``name`` and move ``alias`` to it, if ``decision`` says so.
 
     Compare-and-set under a lock: if another run moved the alias since this run measured the
@@ -201,14 +232,14 @@ def promote_winner(
     Returns what was done and why.
     """
     measured = evaluation.champion_version
-    base = {"promoted": False, "reason": decision.reason, "rule": decision.rule, "checks": decision.checks,
-            "champion_before": measured, "winner": selection.winner}
+    base = PromotionResult(promoted=False, reason=decision.reason, rule=decision.rule, checks=decision.checks,
+                           champion_before=measured, winner=selection.winner)
     if not decision.promote:
         log.warning("promote: nothing promoted: %s", decision.reason)
         return base
     assert selection.winner is not None  # a promotion decision has a winner
     w = evaluation.result(selection.winner)
-    run_id = runs["variant_runs"][selection.winner]
+    run_id = runs.variant_runs[selection.winner]
     with promotion_lock(uri, name):
         now = alias_version(uri, name, alias)
         now = str(now.version) if now is not None else None
@@ -216,7 +247,7 @@ def promote_winner(
             reason = (f"the champion moved from v{measured} to v{now} while this run was measuring; "
                       "not promoted (re-run to compare against the new champion)")
             log.warning("promote: %s", reason)
-            return {**base, "reason": reason}
+            return base.model_copy(update={"reason": reason})
         version = register_version(uri, name, run_id, tags={
             **tags, "variant": w.variant, "runtime": str(w.recipe["runtime"]), "rule": decision.rule,
             "decision": decision.reason, "pareto_front": ",".join(selection.front),
@@ -224,8 +255,8 @@ def promote_winner(
         }, description=decision.reason)
         set_alias(uri, name, alias, version)
     log.info("promote: %s -> %s version %s (alias %r): %s", w.variant, name, version, alias, decision.reason)
-    return {
-        **base, "promoted": True, "registered_model": name, "version": version,
-        "alias": alias, "variant": w.variant, "run_id": run_id, "runtime": w.recipe["runtime"],
-        "runtime_settings": w.runtime_settings, "metrics": w.metrics, "lineage": w.lineage,
-    }
+    return base.model_copy(update={
+        "promoted": True, "registered_model": name, "version": str(version), "alias": alias, "variant": w.variant,
+        "run_id": run_id, "runtime": str(w.recipe["runtime"]), "runtime_settings": w.runtime_settings,
+        "metrics": w.metrics, "lineage": w.lineage,
+    })

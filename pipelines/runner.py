@@ -38,17 +38,17 @@ def run_pipeline(cfg: RunConfig, *, enable_cache: bool = True, run_name: Optiona
         raise RuntimeError(f"pipeline run {name} ended {run.status.value}; failed steps: {failed or 'none'}")
     ev, sel = output(run, "evaluate", "evaluation"), output(run, "select", "selection")
     promotion, bundle = output(run, "promote", "promotion"), output(run, "deploy", "bundle")
-    if promotion["promoted"]:
-        m = promotion["metrics"]
+    if promotion.promoted:
+        m = promotion.metrics
         headline = (
-            f"winner: {sel.winner} -> {promotion['registered_model']} v{promotion['version']} "
-            f"(alias '{promotion['alias']}'), deployed to {bundle}\n"
+            f"winner: {sel.winner} -> {promotion.registered_model} v{promotion.version} "
+            f"(alias '{promotion.alias}'), deployed to {bundle}\n"
             f"  vs the reference {ev.reference.variant} (the teacher in FP32, measured in the same loop): "
             f"accuracy drop {m['accuracy_drop']:.2f} pt, {m['compression_ratio']:.1f}x smaller, "
             f"{m['speedup_vs_reference']:.2f}x lower p50 (noise ±{m['latency_noise_pct']:.1f} %)"
         )
     else:
-        headline = f"no promotion: {promotion['reason']}" + (f"\n  deployed (unchanged): {bundle}" if bundle else "")
+        headline = f"no promotion: {promotion.reason}" + (f"\n  deployed (unchanged): {bundle}" if bundle else "")
     cached = sorted(s for s, r in run.steps.items() if r.status == ExecutionStatus.CACHED)
     return {"run": run, "evaluation": ev, "selection": sel, "promotion": promotion, "bundle": bundle,
             "cached_steps": cached, "table": variants_table(ev, sel), "headline": headline}

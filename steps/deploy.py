@@ -5,10 +5,11 @@ from zenml import step
 
 from edgeopt.artifacts import Dataset
 from edgeopt.deploy import deploy_from_registry
+from edgeopt.tracking import PromotionResult
 
 
 @step(enable_cache=False)
-def deploy(promotion: dict, dataset: Dataset, tracking_uri: str, registered_model: str, alias: str,
+def deploy(promotion: PromotionResult, dataset: Dataset, tracking_uri: str, registered_model: str, alias: str,
            root: str, keep: int) -> Annotated[Optional[str], "bundle"]:
     """Make the deploy folder serve the champion (atomically); returns the current bundle's path.
 

@@ -9,7 +9,7 @@ from edgeopt.pareto import Selection
 from edgeopt.promotion import Decision
 from edgeopt.provenance import provenance
 from edgeopt.report import PlotImage
-from edgeopt.tracking import log_pipeline_run
+from edgeopt.tracking import TrackedRuns, log_pipeline_run
 
 
 @step(enable_cache=False)
@@ -17,7 +17,7 @@ def track(
     evaluation: Evaluation, selection: Selection, decision: Decision, selection_report: MarkdownString,
     pareto_plot: PlotImage,
     models: List[ModelArtifact], dataset: Dataset, config: dict, tracking_uri: str, experiment: str,
-) -> Annotated[dict, "mlflow_runs"]:
+) -> Annotated[TrackedRuns, "mlflow_runs"]:
     """Log the run to MLflow: a parent run and one nested run per variant. Always runs, so a
     cached pipeline run is still recorded whole."""
     ctx = get_step_context()
@@ -25,9 +25,8 @@ def track(
         **provenance(), "data_hash": dataset.data_hash, "zenml.pipeline": ctx.pipeline.name,
         "zenml.run_name": ctx.pipeline_run.name, "zenml.run_id": str(ctx.pipeline_run.id),
     }
-    runs = log_pipeline_run(
+    return log_pipeline_run(
         uri=tracking_uri, experiment=experiment, run_name=ctx.pipeline_run.name, config=config,
         evaluation=evaluation, selection=selection, decision=decision, models={m.variant: m for m in models},
         report_md=str(selection_report), plot_png=pareto_plot.png, tags=tags,
     )
-    return {**runs, "tags": tags}

@@ -37,14 +37,14 @@ def test_every_variant_is_built_and_measured(first_run, tiny_config):
 
 def test_winner_is_registered_aliased_and_staged(first_run, tiny_config):
     sel, promo = first_run["selection"], first_run["promotion"]
-    assert sel.winner and promo["promoted"] and promo["variant"] == sel.winner
+    assert sel.winner and promo.promoted and promo.variant == sel.winner
     client = MlflowClient(tiny_config.tracking_uri())
     mv = client.get_model_version_by_alias(tiny_config.registry.name, "champion")
-    assert str(mv.version) == promo["version"] and mv.run_id == promo["run_id"]
+    assert str(mv.version) == promo.version and mv.run_id == promo.run_id
     winner_run = client.get_run(mv.run_id)
     assert winner_run.info.run_name == sel.winner
     assert winner_run.data.tags["pareto"] == "front" and winner_run.data.tags["winner"] == "true"
-    assert winner_run.data.tags["lineage.teacher"] and winner_run.data.tags["runtime"] == promo["runtime"]
+    assert winner_run.data.tags["lineage.teacher"] and winner_run.data.tags["runtime"] == promo.runtime
     parent = client.get_run(winner_run.data.tags["mlflow.parentRunId"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/pareto.png", "report/selection.md"} <= artifacts
@@ -63,7 +63,7 @@ def test_deployed_bundle_matches_the_champion(first_run, tiny_config):
     assert bundle is not None and str(bundle.path) == first_run["bundle"]
     bundle.verify()
     m = bundle.manifest
-    assert m["version"] == first_run["promotion"]["version"] and m["variant"].split("@")[0] in first_run["selection"].winner
+    assert m["version"] == first_run["promotion"].version and m["variant"].split("@")[0] in first_run["selection"].winner
     assert (bundle.path / "labels.json").is_file() and (bundle.path / "runtime.json").is_file()
     from edgeopt.data import load_dataset
     from edgeopt.runtimes import make_predictor
@@ -85,8 +85,8 @@ def test_rerun_reuses_training_and_a_new_variant_list_does_not_retrain(first_run
     ev, promo = again["evaluation"], again["promotion"]
     champion = MlflowClient(parse_config(tiny_raw).tracking_uri()).get_model_version_by_alias("tiny-model", "champion")
     assert ev.champion is not None and ev.champion.ok and ev.champion_version == str(champion.version)
-    assert not promo["promoted"] and "champion kept" in promo["reason"]
-    assert any("required 99.0%" in c for c in promo["checks"])
+    assert not promo.promoted and "champion kept" in promo.reason
+    assert any("required 99.0%" in c for c in promo.checks)
     assert dep.current(parse_config(tiny_raw).deploy_root()).manifest["version"] == str(champion.version)
     fewer = {**tiny_raw, "variants": {**tiny_raw["variants"], "shrink": {}, "formats": ["onnx"]}}
     third = run_pipeline(parse_config(fewer), run_name="tiny-fewer")
@@ -131,7 +131,7 @@ def test_a_brought_fixed_batch_onnx_model_is_a_base_end_to_end(tiny_raw, teacher
     assert int8["int8_ops"] > 0 and int8["size_mb"] < 0.5 * m["teacher-fp32-onnx@onnxruntime"]["size_mb"]
     assert int8["accuracy_drop"] < 2.0 and ev.result("teacher-int8-onnx@onnxruntime").lineage["base"] == "teacher"
     assert ev.reference.accuracy > 0.85 and m["student-fp32-onnx@onnxruntime"]["accuracy"] > 0.8
-    assert out["selection"].winner and out["promotion"]["promoted"]
+    assert out["selection"].winner and out["promotion"].promoted
     assert "vs the reference teacher-fp32-onnx@onnxruntime" in out["headline"]
     root = parse_config(raw).deploy_root()
     bundle = dep.current(root)

@@ -13,10 +13,18 @@ import pytest
 from edgeopt import deploy as dep
 from edgeopt.artifacts import ModelArtifact, new_workdir
 from edgeopt.config import PromotionConfig
-from edgeopt.evaluation import Evaluation, VariantResult
+from edgeopt.evaluation import Evaluation, Reference, VariantResult
 from edgeopt.pareto import Selection
 from edgeopt.promotion import decide
-from edgeopt.tracking import alias_version, client_for, experiment_id, promote_winner, register_version, set_alias
+from edgeopt.tracking import (
+    TrackedRuns,
+    alias_version,
+    client_for,
+    experiment_id,
+    promote_winner,
+    register_version,
+    set_alias,
+)
 from tests.conftest import ROOT
 
 
@@ -60,16 +68,18 @@ def _registered_model(uri: str, name: str, n_runs: int):
 
 
 def _promote_and_deploy(uri, name, run_id, root, barrier):
-    ev = Evaluation(target={}, fingerprint={}, teacher={}, results=[result("w")], champion=result("champion-v1:x"),
+    ev = Evaluation(target={}, fingerprint={}, reference=Reference(variant="r", accuracy=1, latency_p50_ms=1, latency_p95_ms=1,
+                                                                    size_mb=1, params=1),
+                    results=[result("w")], champion=result("champion-v1:x"),
                     champion_version="1")
     sel = Selection(winner="w", reason="test", objective="latency", constraints={}, verdicts=[])
     decision = decide(result("w", p50=0.01), ev.champion, PromotionConfig())
     barrier.wait()
     out = promote_winner(uri=uri, name=name, alias="champion", selection=sel, evaluation=ev, decision=decision,
-                         runs={"variant_runs": {"w": run_id}}, tags={})
+                         runs=TrackedRuns(parent_run_id="p", experiment_id="0", variant_runs={"w": run_id}), tags={})
     dep.deploy_from_registry(uri=uri, name=name, alias="champion", root=root,
                              dataset_manifest={"classes": ["a"], "input_shape": [1], "mean": [0], "std": [1], "scale": 1})
-    return out["promoted"]
+    return out.promoted
 
 
 def test_concurrent_promotions_leave_one_champion_and_a_consistent_deploy_folder(tmp_path):
