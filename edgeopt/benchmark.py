@@ -15,7 +15,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, FrozenSet, List, Tuple
 
 import numpy as np
 
@@ -34,13 +34,9 @@ class Latency:
     noise_pct: float  # half the spread of the per-round medians, in % of the median: the run's own noise
 
 
-def cpu_fingerprint() -> Dict[str, Any]:
-    """CPU model, core count, ISA flags that matter for INT8/BF16, runtime versions, and a short id."""
-    import onnxruntime
-    import openvino
-    import torch
-
-    model, flags = platform.processor() or "unknown", set()
+def cpu_info() -> Tuple[str, FrozenSet[str]]:
+    """(CPU model name, feature flags) from /proc/cpuinfo; the flags are empty where it is unreadable."""
+    model, flags = platform.processor() or "unknown", frozenset[str]()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -49,10 +45,20 @@ def cpu_fingerprint() -> Dict[str, Any]:
                 if key == "model name":
                     model = val.strip()
                 elif key in ("flags", "Features"):
-                    flags = set(val.split())
+                    flags = frozenset(val.split())
                     break
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_fingerprint() -> Dict[str, Any]:
+    """CPU model, core count, ISA flags that matter for INT8/BF16, runtime versions, and a short id."""
+    import onnxruntime
+    import openvino
+    import torch
+
+    model, flags = cpu_info()
     fp = {
         "cpu": model,
         "machine": platform.machine(),

@@ -28,6 +28,7 @@ from typing import Any, Dict, FrozenSet, List, Literal, Sequence, Tuple
 import numpy as np
 from pydantic import Field
 
+from edgeopt.benchmark import cpu_info
 from edgeopt.precisions import RecipeOptions
 
 VNNI = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -67,12 +68,7 @@ def cpu() -> Tuple[str, FrozenSet[str]]:
     machine = platform.machine().lower()
     family = ("x86" if machine in ("x86_64", "amd64", "i386", "i686")
               else "arm" if machine.startswith(("arm", "aarch64")) else "other")
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.split(":")[0].strip() in ("flags", "Features")), "")
-    except OSError:
-        line = ""
-    return family, frozenset(line.partition(":")[2].split())
+    return family, cpu_info()[1]
 
 
 def activation_type(o: OrtOptions) -> str:
