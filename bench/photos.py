@@ -20,7 +20,7 @@ Layouts:
 ``root/photos.json`` records the sources, the regions and the counts.
 
     .venv/bin/python bench/photos.py .edgeopt/bench/brought/photos                 # 5 classes, 200 + 100 crops each
-    .venv/bin/python bench/photos.py /tmp/photos --classes cat coffee --train 40 --test 20 --layout flat
+    .venv/bin/python bench/photos.py .edgeopt/photos-small --classes cat coffee --train 40 --test 20 --layout flat
 """
 
 from __future__ import annotations

@@ -139,6 +139,12 @@ def _subfolders(folder: Path) -> List[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def class_folders(root: Path) -> List[str]:
+    """The class names of an ImageFolder (of its ``train/`` when the tree is pre-split), reading no image."""
+    subdirs = _subfolders(root)
+    return _subfolders(root / "train") if {"train", "test"} <= set(subdirs) else subdirs
+
+
 def _images_in(folder: Path) -> List[Path]:
     """Image files under ``folder`` by suffix, sorted; hidden ones (``.DS_Store``, ``._x.jpg``) skipped."""
     return sorted(
@@ -158,7 +164,7 @@ def _scan(root: Path) -> _Folder:
             raise DataError(f"{root}: has train/ and test/ (a pre-split layout) and also {', '.join(others)}/: "
                             "move each into a split or out of the root")
         present = [s for s in SPLITS if s in subdirs]
-        classes = _subfolders(root / "train")
+        classes = class_folders(root)
         for s in present[1:]:
             got = _subfolders(root / s)
             if got != classes:

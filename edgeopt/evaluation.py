@@ -119,8 +119,8 @@ def evaluate_variants(
             **coverage,
         }})
 
-    results = {variant_name(m, rt): measure_accuracy(variant_name(m, rt), m, rt)
-               for m in models for rt in evaluations.get(m.variant, [])}
+    sources = {variant_name(m, rt): (m, rt) for m in models for rt in evaluations.get(m.variant, [])}
+    results = {name: measure_accuracy(name, m, rt) for name, (m, rt) in sources.items()}
     if reference not in results or not results[reference].ok:
         why = results[reference].reason if reference in results else "it was not built"
         raise RuntimeError(f"the reference {reference} could not be measured: {why}")
@@ -153,7 +153,6 @@ def evaluate_variants(
     for w in warnings:
         log.warning("evaluate: %s", w)
     ok = sum(r.ok for r in results.values())
-    ref_model = next(m for m in models if variant_name(m, reference.rpartition("@")[2]) == reference)
     log.info(
         "evaluate: %d variants (%d ok, %d failed) on %s, %d thread(s), batch %d; reference %s acc %.4f p50 %.3f ms",
         len(results), ok, len(results) - ok, fp["cpu"], target.threads, target.batch, reference, ref["accuracy"],
@@ -164,7 +163,7 @@ def evaluate_variants(
         fingerprint=fp,
         reference=Reference(variant=reference, accuracy=ref["accuracy"], latency_p50_ms=ref_lat.p50_ms,
                             latency_p95_ms=ref_lat.p95_ms, size_mb=ref["size_mb"], params=ref["params"],
-                            output=ref_model.manifest.get("output", "logits")),
+                            output=sources[reference][0].manifest.get("output", "logits")),
         results=list(results.values()),
         champion=champ,
         champion_version=champion[1] if champion else None,

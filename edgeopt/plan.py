@@ -33,8 +33,13 @@ class ShrinkSpec:
         return f"{self.base}-{self.tag}" if self.tag else self.base
 
     @property
+    def id(self) -> str:
+        """The key as it goes into step ids: ``student_p50``."""
+        return self.key.replace("-", "_")
+
+    @property
     def step_id(self) -> str:
-        return f"shrink_{self.key.replace('-', '_')}"
+        return f"shrink_{self.id}"
 
 
 @dataclass(frozen=True)
@@ -56,11 +61,11 @@ class BuildSpec:
 
     @property
     def export_id(self) -> str:
-        return f"export_{self.shrink.key.replace('-', '_')}_{self.format}"
+        return f"export_{self.shrink.id}_{self.format}"
 
     @property
     def quantize_id(self) -> str:
-        return f"quantize_{self.shrink.key.replace('-', '_')}_{self.format}_{self.precision.replace('-', '_')}"
+        return f"quantize_{self.shrink.id}_{self.format}_{self.precision.replace('-', '_')}"
 
     def evaluations(self) -> List[str]:
         return [f"{self.name}@{rt}" for rt in self.runtimes]

@@ -114,12 +114,11 @@ def expected_input(data: DataConfig) -> tuple[List[Optional[int]], Optional[int]
     if data.source == "digits":
         h, w = data.image_size or (8, 8)
         return [1, h, w], 10
+    from edgeopt.data import class_folders
+
     assert data.root is not None  # the config requires it for an ImageFolder
-    root = resolve_path(data.root)
-    split = root / "train" if (root / "train").is_dir() and (root / "test").is_dir() else root
-    classes = [p for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")]
     size: tuple[Optional[int], Optional[int]] = data.image_size or (None, None)
-    return [1 if data.grayscale else 3, *size], len(classes)
+    return [1 if data.grayscale else 3, *size], len(class_folders(resolve_path(data.root)))
 
 
 def preflight(teacher_onnx: Optional[Path], data: DataConfig) -> Optional[OnnxInfo]:

@@ -21,10 +21,10 @@ from edgeopt.training import fit, seed_everything
 
 log = logging.getLogger(__name__)
 
-def finetune_config(train_config: dict | None, opts: TechniqueOptions) -> FitConfig:
+def finetune_config(train_config: dict, opts: TechniqueOptions) -> FitConfig:
     """The base's own training settings (batch size, optimizer, augmentation ...; defaults for a
     brought model), run for the technique's fine-tune epochs at its learning rate."""
-    own = {k: v for k, v in (train_config or {}).items() if k in FitConfig.model_fields}
+    own = {k: v for k, v in train_config.items() if k in FitConfig.model_fields}
     return FitConfig.model_validate({**own, "epochs": opts.finetune_epochs, "steps": None, "lr": opts.lr})
 
 
@@ -35,9 +35,9 @@ def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, tech
     shrunk: the result says so and its variants are skipped."""
     t = get(technique)
     m = base.manifest
-    tag = t.variant_tag(amount)
+    tag, base_name, train = t.variant_tag(amount), m.get("base", m["role"]), m.get("train_config") or {}
     lineage = {**m.get("lineage", {}), m["role"]: base.content_hash[:12]}
-    info: Dict[str, Any] = {"tag": tag, "base": m.get("base", m["role"]), "lineage": lineage,
+    info: Dict[str, Any] = {"tag": tag, "base": base_name, "lineage": lineage,
                             "shrink": {"technique": technique, "amount": amount},
                             "recipe_text": t.recipe(amount, opts)}
     if not m.get("learned", True):
@@ -50,10 +50,10 @@ def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, tech
     applied, after = t.apply(model, amount, opts, ctx)
     val_acc = None
     if opts.finetune_epochs:
-        hist = fit(model, dataset, finetune_config(m.get("train_config"), opts), teacher=load_checkpoint(kd_teacher),
-                   kd=KDConfig.model_validate((m.get("train_config") or {}).get("kd") or {}),
+        hist = fit(model, dataset, finetune_config(train, opts), teacher=load_checkpoint(kd_teacher),
+                   kd=KDConfig.model_validate(train.get("kd") or {}),
                    teacher_output=kd_teacher.manifest.get("output", "logits"), seed=seed,
-                   desc=f"{m.get('base', m['role'])} {tag} KD fine-tune")
+                   desc=f"{base_name} {tag} KD fine-tune")
         val_acc = hist["best_val_acc"]
     if after is not None:
         applied.update(after())
@@ -61,7 +61,7 @@ def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, tech
         **info, **applied, "finetune_epochs": opts.finetune_epochs, "finetune_lr": opts.lr, "val_accuracy": val_acc,
         "macs_before": m["macs"], "params_before": m["params"], "train_config": m.get("train_config"),
     })
-    log.info("shrink: %s %s (%s) MACs %d->%d params %d->%d val acc %s", m.get("base", m["role"]), tag,
+    log.info("shrink: %s %s (%s) MACs %d->%d params %d->%d val acc %s", base_name, tag,
              info["recipe_text"], m["macs"], ckpt.manifest["macs"], m["params"], ckpt.manifest["params"],
              "n/a" if val_acc is None else f"{val_acc:.4f}")
     return ckpt

@@ -6,24 +6,13 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-import torch
-
 from edgeopt.artifacts import Checkpoint, Dataset
 from edgeopt.config import TeacherConfig
 from edgeopt.models import build_model, load_checkpoint, save_checkpoint
 from edgeopt.pretrained import file_sha256, load_state_dict_teacher, onnx_teacher
-from edgeopt.training import fit, seed_everything
+from edgeopt.training import fit, seed_everything, split_accuracy
 
 log = logging.getLogger(__name__)
-
-
-@torch.inference_mode()
-def val_accuracy(model: torch.nn.Module, dataset: Dataset, batch_size: int = 128) -> float:
-    model.eval()
-    hits = [(model(torch.from_numpy(np.ascontiguousarray(x))).argmax(1).numpy() == y).sum()
-            for x, y in dataset.batches("val", batch_size)]
-    return float(sum(hits)) / dataset.size("val")
 
 
 def train_teacher(dataset: Dataset, cfg: TeacherConfig, seed: int = 0) -> Checkpoint:
@@ -32,14 +21,14 @@ def train_teacher(dataset: Dataset, cfg: TeacherConfig, seed: int = 0) -> Checkp
     seed_everything(seed)
     if cfg.onnx is not None:
         ckpt = onnx_teacher(cfg.onnx, dataset)
-        acc = val_accuracy(load_checkpoint(ckpt), dataset)
+        acc = split_accuracy(load_checkpoint(ckpt), dataset, "val")
         log.info("train_teacher: brought ONNX model %s, val acc %.4f", cfg.onnx, acc)
         return Checkpoint.write(ckpt.path, {**_info(ckpt), "val_accuracy": acc})
     arch: dict = {"name": cfg.arch, "num_classes": len(dataset.classes), "in_channels": dataset.input_shape[0],
             "width": cfg.width}
     if cfg.checkpoint is not None:
         model = load_state_dict_teacher(cfg.checkpoint, arch, dataset.input_shape)
-        hist = {"best_val_acc": val_accuracy(model, dataset), "source": str(cfg.checkpoint),
+        hist = {"best_val_acc": split_accuracy(model, dataset, "val"), "source": str(cfg.checkpoint),
                 "source_sha256": file_sha256(cfg.checkpoint)}
     else:
         model = build_model(arch["name"], arch["num_classes"], arch["in_channels"], arch["width"])
