@@ -164,7 +164,7 @@ def plain_run(cfg, run_name: str) -> Dict[str, float]:
 
 def pipeline_run(cfg, run_name: str) -> Dict[str, float]:
     """run_pipeline with caching disabled; wall and CPU seconds, and the wall seconds spent inside steps."""
-    from pipelines.runner import run_pipeline
+    from edgeopt_zenml.pipelines.runner import run_pipeline
 
     run = Clock()
     summary = run_pipeline(cfg, enable_cache=False, run_name=run_name)

@@ -78,7 +78,7 @@ def compare(args: argparse.Namespace, state: Path) -> int:
     from edgeopt.export import export_checkpoint
     from edgeopt.precisions import quantize_model
     from edgeopt.tracking import fetch_champion
-    from pipelines.runner import output, run_pipeline
+    from edgeopt_zenml.pipelines.runner import output, run_pipeline
 
     raw = yaml.safe_load(args.config.read_text())
     cfg = pipeline_config(quick_overrides(raw) if args.quick else raw, state, "vs-nncf", str(args.config))

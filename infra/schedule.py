@@ -46,8 +46,8 @@ def main(config: Path, cron_expression: str, name: str | None, zenml_config: Pat
     from zenml.client import Client
     from zenml.config.schedule import Schedule
 
-    from pipelines.compress import compress
-    from pipelines.runner import use_checkout_as_source_root
+    from edgeopt_zenml.pipelines.compress import compress
+    from edgeopt_zenml.pipelines.runner import use_checkout_as_source_root
 
     use_checkout_as_source_root()
     stack = Client().active_stack

@@ -16,6 +16,6 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
 fi
 export ZENML_ANALYTICS_OPT_IN=false
 # lint (with import sorting) and types first: a few seconds, and they name the line
-.venv/bin/ruff check edgeopt steps pipelines materializers run.py tests bench infra examples
+.venv/bin/ruff check edgeopt edgeopt_zenml run.py tests bench infra examples
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

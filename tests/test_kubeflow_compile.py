@@ -19,9 +19,9 @@ from zenml.config.resource_settings import ResourceSettings
 from zenml.enums import StackComponentType
 
 from edgeopt.config import PROJECT_ROOT
+from edgeopt_zenml.pipelines.compress import compress
+from edgeopt_zenml.pipelines.runner import use_checkout_as_source_root
 from infra.kubeflow.orchestrator import k8s_memory
-from pipelines.compress import compress
-from pipelines.runner import use_checkout_as_source_root
 
 RUN_CONFIG = PROJECT_ROOT / "infra" / "kubeflow" / "run_config.yaml"
 FLAVOR_SOURCE = "infra.kubeflow.orchestrator.EdgeoptKubeflowOrchestratorFlavor"

@@ -9,7 +9,7 @@ from zenml.enums import ExecutionStatus, ModelStages
 from edgeopt import deploy as dep
 from edgeopt.config import parse_config
 from edgeopt.plan import variant_plan
-from pipelines.runner import run_pipeline
+from edgeopt_zenml.pipelines.runner import run_pipeline
 
 
 @pytest.fixture(scope="module")

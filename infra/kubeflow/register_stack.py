@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from zenml.client import Client  # noqa: E402
 from zenml.enums import StackComponentType as T  # noqa: E402
 
-from pipelines.runner import use_checkout_as_source_root  # noqa: E402
+from edgeopt_zenml.pipelines.runner import use_checkout_as_source_root  # noqa: E402
 
 
 def env(name: str) -> str:

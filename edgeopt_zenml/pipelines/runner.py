@@ -12,7 +12,7 @@ from zenml.utils import source_utils
 
 from edgeopt.config import PROJECT_ROOT, RunConfig
 from edgeopt.report import variants_table
-from pipelines.compress import compress
+from edgeopt_zenml.pipelines.compress import compress
 
 
 def use_checkout_as_source_root() -> None:

@@ -5,7 +5,7 @@ from zenml import step
 from edgeopt.artifacts import Checkpoint, Dataset
 from edgeopt.shrink import shrink_base
 from edgeopt.techniques import get
-from materializers import CheckpointMaterializer
+from edgeopt_zenml.materializers import CheckpointMaterializer
 
 
 @step(output_materializers=CheckpointMaterializer)

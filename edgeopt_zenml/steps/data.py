@@ -5,7 +5,7 @@ from zenml import step
 from edgeopt.artifacts import Dataset
 from edgeopt.config import DataConfig
 from edgeopt.data import load_dataset
-from materializers import DatasetMaterializer
+from edgeopt_zenml.materializers import DatasetMaterializer
 
 
 @step(enable_cache=False, output_materializers=DatasetMaterializer)

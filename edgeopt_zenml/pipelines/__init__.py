@@ -1,5 +1,5 @@
 """ZenML pipelines wiring the steps."""
 
-from pipelines.compress import compress
+from edgeopt_zenml.pipelines.compress import compress
 
 __all__ = ["compress"]

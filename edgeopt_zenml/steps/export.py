@@ -4,7 +4,7 @@ from zenml import step
 
 from edgeopt.artifacts import Checkpoint, Dataset, ModelArtifact
 from edgeopt.export import export_checkpoint
-from materializers import ModelArtifactMaterializer
+from edgeopt_zenml.materializers import ModelArtifactMaterializer
 
 
 @step(output_materializers=ModelArtifactMaterializer)

@@ -1,12 +1,12 @@
 """ZenML materializers for edgeopt's artifact types (folders with a manifest; JSON records)."""
 
-from materializers.folder import (
+from edgeopt_zenml.materializers.folder import (
     CheckpointMaterializer,
     DatasetMaterializer,
     ImageMaterializer,
     ModelArtifactMaterializer,
 )
-from materializers.records import EvaluationMaterializer, SelectionMaterializer
+from edgeopt_zenml.materializers.records import EvaluationMaterializer, SelectionMaterializer
 
 __all__ = [
     "CheckpointMaterializer",

@@ -9,7 +9,7 @@ from edgeopt.pareto import Selection
 from edgeopt.pareto import select as _select
 from edgeopt.promotion import Decision, decide
 from edgeopt.report import PlotImage, pareto_plot_artifact, selection_report
-from materializers import ImageMaterializer, SelectionMaterializer
+from edgeopt_zenml.materializers import ImageMaterializer, SelectionMaterializer
 
 
 @step(enable_cache=False, output_materializers={"selection": SelectionMaterializer, "pareto_plot": ImageMaterializer})

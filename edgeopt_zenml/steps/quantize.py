@@ -5,7 +5,7 @@ from zenml import step
 from edgeopt.artifacts import Dataset, ModelArtifact
 from edgeopt.config import QuantConfig
 from edgeopt.precisions import quantize_model
-from materializers import ModelArtifactMaterializer
+from edgeopt_zenml.materializers import ModelArtifactMaterializer
 
 
 @step(output_materializers=ModelArtifactMaterializer)

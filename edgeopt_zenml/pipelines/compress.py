@@ -8,7 +8,7 @@ from zenml import pipeline
 from edgeopt.config import RunConfig
 from edgeopt.plan import variant_plan
 from edgeopt.pretrained import file_sha256
-from steps import (
+from edgeopt_zenml.steps import (
     deploy,
     distill_student,
     evaluate,

@@ -6,7 +6,7 @@ from edgeopt.artifacts import Checkpoint, Dataset
 from edgeopt.config import StudentConfig, TeacherConfig
 from edgeopt.teacher import train_teacher as _train
 from edgeopt.training import distill_student as _distill
-from materializers import CheckpointMaterializer
+from edgeopt_zenml.materializers import CheckpointMaterializer
 
 
 @step(output_materializers=CheckpointMaterializer)

@@ -8,7 +8,7 @@ from edgeopt.artifacts import Dataset, ModelArtifact
 from edgeopt.config import TargetConfig
 from edgeopt.evaluation import Evaluation, evaluate_variants
 from edgeopt.tracking import fetch_champion
-from materializers import EvaluationMaterializer
+from edgeopt_zenml.materializers import EvaluationMaterializer
 
 
 @step(enable_cache=False, output_materializers=EvaluationMaterializer)
