@@ -10,7 +10,8 @@ loop, with the brought model in FP32 and with what a user gets by hand from ONNX
      name real photos with the right ImageNet classes (the cat -> Egyptian cat / tabby, the coffee ->
      espresso / cup);
    - photos: an ImageFolder of 224x224 crops cut from photos that ship in scikit-image and scikit-learn
-     (bench/photos.py): one photo per class, train and test crops from disjoint regions of each photo;
+     (bench/photos.py): one photo per class, train, validation and test crops from disjoint regions of
+     each photo (root/train|val|test/<class>/);
    - fine-tune, as a user would: the ImageNet head replaced by a new one, trained on the frozen
      backbone's pooled features of the train crops (Adam, dropout 0.2, ImageNet mean/std);
    - export: ``torch.onnx.export`` (TorchScript exporter, opset 17), input ``input`` fixed at
@@ -63,7 +64,7 @@ META = ASSETS / "brought.json"
 ARCH = "tf_efficientnet_lite0"
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
-N_TRAIN, N_TEST = 200, 100          # crops per class
+N_TRAIN, N_VAL, N_TEST = 200, 50, 100  # crops per class
 CALIBRATION = 300                   # NNCF's default subset_size
 GOAL = {"speedup": 2.5, "size": 3.5, "drop": 1.0}
 # Fine-tune: the new head on the frozen backbone's pooled features
@@ -207,7 +208,8 @@ def export_onnx(model, path: Path) -> None:
 
 def build_assets(rebuild: bool = False, seed: int = 0) -> Dict[str, object]:
     """Photos, fine-tuned model, ONNX and safetensors under ASSETS; reused when already there."""
-    if not rebuild and META.is_file() and ONNX_FILE.is_file() and CHECKPOINT.is_file() and PHOTO_ROOT.is_dir():
+    if (not rebuild and META.is_file() and ONNX_FILE.is_file() and CHECKPOINT.is_file()
+            and all((PHOTO_ROOT / split).is_dir() for split in photos.SPLITS)):
         meta = json.loads(META.read_text())
         print(f"assets: reusing {ASSETS.relative_to(ROOT)} (built {meta['built']}; --rebuild to redo)")
         return meta
@@ -218,7 +220,8 @@ def build_assets(rebuild: bool = False, seed: int = 0) -> Dict[str, object]:
     torch.manual_seed(seed)
     ASSETS.mkdir(parents=True, exist_ok=True)
     classes = list(photos.DEFAULT_CLASSES)
-    photo_info = photos.build_photo_folder(PHOTO_ROOT, classes, N_TRAIN, N_TEST, seed=seed, layout="split")
+    photo_info = photos.build_photo_folder(PHOTO_ROOT, classes, N_TRAIN, N_TEST, seed=seed, layout="split",
+                                           n_val=N_VAL)
     model = imagenet_model()
     weights = check_weights(model)
     for src, top in weights["imagenet_top3"].items():
@@ -482,7 +485,7 @@ def main(argv=None) -> int:
     speed = {k: [r[ref].p50_ms / r[k].p50_ms for r in reps] for k in predictors}
 
     print(f"\nbrought model: {meta['arch']} with ImageNet weights from {meta['weights_package']}, head fine-tuned on "
-          f"{len(classes)} classes ({', '.join(classes)}); {N_TRAIN} train / {N_TEST} test crops per class from "
+          f"{len(classes)} classes ({', '.join(classes)}); {N_TRAIN} train / {N_VAL} val / {N_TEST} test crops per class from "
           f"disjoint regions; test crops: {len(y_test)}")
     print(f"latency: edgeopt.benchmark.measure, {threads} thread(s), input 1x3x224x224, {iterations} iterations "
           f"x {args.repeats} repetition(s), interleaved; ratios within a repetition, median [min-max]\n")

@@ -1,26 +1,26 @@
 """A real-photo ImageFolder cut from photos that ship inside Python packages (no download).
 
 Each class is one real photo (scikit-image's ``skimage.data``, scikit-learn's sample images,
-matplotlib's sample data). The photo is split along one axis into a **train region** and a **test
-region** (by default 65 % / 35 %) with a few pixels of no-man's-land between them; train crops are cut
-from the train region only and test crops from the test region only, so no pixel of a test crop was
-ever seen in training (a bicubic kernel reaches 2 pixels: the gap is wider). Each crop is a square
-of random position, size (the same size distribution in both regions, scaled to the test region so
-that test crops are not systematically smaller), small rotation (the rotated square stays inside its
-region) and horizontal flip, resampled to 224 x 224 and written as PNG. Deterministic: one seeded
-generator per class and region.
+matplotlib's sample data). The photo is split along one axis into three bands, a **train region**, a
+**validation region** and a **test region** (by default 50 % / 25 % / 25 %, the held-out bands at one
+end), with a few pixels of no-man's-land between neighbours; the crops of each split are cut from its
+own region only, so no pixel of a validation or test crop was ever seen in training, and validation
+(early stop, selection) says nothing about the test pixels (a bicubic kernel reaches 2 pixels: the gap
+is wider). Each crop is a square of random position, size (the same size distribution in every region,
+scaled to the smaller held-out band so that held-out crops are not systematically smaller), small
+rotation (the rotated square stays inside its region) and horizontal flip, resampled to 224 x 224 and
+written as PNG. Deterministic: one seeded generator per class and region.
 
 Layouts:
 
-- ``split`` (default): ``root/train/<class>/*.png`` and ``root/test/<class>/*.png`` (edgeopt's data
-  loader keeps such a split and carves validation out of train);
-- ``flat``: ``root/<class>/{train,test}_NNNN.png`` (for loaders that only know ``root/<class>/``; a
-  random split of that folder mixes the two regions, so its test accuracy is optimistic).
+- ``split`` (default): ``root/{train,val,test}/<class>/*.png`` (edgeopt's data loader keeps such a split);
+- ``flat``: ``root/<class>/{train,val,test}_NNNN.png`` (for loaders that only know ``root/<class>/``; a
+  random split of that folder mixes the regions, so its test accuracy is optimistic).
 
 ``root/photos.json`` records the sources, the regions and the counts.
 
-    .venv/bin/python bench/photos.py .edgeopt/bench/brought/photos                 # 5 classes, 200 + 100 crops each
-    .venv/bin/python bench/photos.py .edgeopt/photos-small --classes cat coffee --train 40 --test 20 --layout flat
+    .venv/bin/python bench/photos.py .edgeopt/bench/brought/photos      # 5 classes, 200 + 50 + 100 crops each
+    .venv/bin/python bench/photos.py .edgeopt/photos-small --classes cat coffee --train 40 --val 10 --test 20 --layout flat
 """
 
 from __future__ import annotations
@@ -61,9 +61,11 @@ PHOTOS: Dict[str, PhotoClass] = {c.name: c for c in (
 )}
 DEFAULT_CLASSES = ("cat", "coffee", "flower", "motorcycle", "temple")
 SIZE = 224
-TEST_FRACTION = 0.35
+SPLITS = ("train", "val", "test")
+VAL_FRACTION = 0.25
+TEST_FRACTION = 0.25
 GAP = 4                      # pixels between the regions (> the bicubic kernel's reach on both sides)
-SCALE = (0.55, 0.95)         # crop side, as a fraction of the largest rotated square the test region holds
+SCALE = (0.55, 0.95)         # crop side, as a fraction of the largest rotated square the smaller held-out band holds
 MAX_ROTATION = 10.0          # degrees
 
 
@@ -96,17 +98,25 @@ Box = Tuple[float, float, float, float]  # x0, y0, x1, y1 (pixels, x1/y1 exclusi
 
 
 def regions(width: int, height: int, cls: PhotoClass, test_fraction: float = TEST_FRACTION,
-            gap: int = GAP) -> Dict[str, Box]:
-    """The disjoint train and test boxes of a ``width`` x ``height`` photo, ``gap`` pixels apart."""
+            val_fraction: float = VAL_FRACTION, gap: int = GAP) -> Dict[str, Box]:
+    """The disjoint train, val and test boxes of a ``width`` x ``height`` photo, neighbours ``gap``
+    pixels apart: test at the photo's ``test_side`` end, val next to it, train the rest."""
+    if not (0 < test_fraction and 0 < val_fraction and test_fraction + val_fraction < 1):
+        raise ValueError(f"test and val fractions must be positive and leave a train region, got "
+                         f"{test_fraction} and {val_fraction}")
     length = width if cls.axis == "x" else height
-    cut = round(length * (test_fraction if cls.test_side == "low" else 1 - test_fraction))
-    low, high = (0.0, cut - gap / 2), (cut + gap / 2, float(length))
-    test, train = (low, high) if cls.test_side == "low" else (high, low)
+    order = ("test", "val", "train") if cls.test_side == "low" else ("train", "val", "test")
+    share = {"test": test_fraction, "val": val_fraction, "train": 1 - test_fraction - val_fraction}
+    cuts = [0.0]
+    for name in order:
+        cuts.append(cuts[-1] + share[name] * length)
+    spans = {name: (cuts[i] + (gap / 2 if i else 0), cuts[i + 1] - (gap / 2 if i < 2 else 0))
+             for i, name in enumerate(order)}
 
     def box(span: Tuple[float, float]) -> Box:
         return (span[0], 0.0, span[1], float(height)) if cls.axis == "x" else (0.0, span[0], float(width), span[1])
 
-    return {"train": box(train), "test": box(test)}
+    return {name: box(spans[name]) for name in SPLITS}
 
 
 def _largest_side(box: Box) -> float:
@@ -142,7 +152,8 @@ def crops(img: np.ndarray, box: Box, n: int, side_range: Tuple[float, float], se
 
 def build_photo_folder(root: Path, classes: Sequence[str] = DEFAULT_CLASSES, n_train: int = 200, n_test: int = 100,
                        seed: int = 0, layout: str = "split", test_fraction: float = TEST_FRACTION,
-                       progress: Optional[Callable[[str], None]] = print) -> Dict[str, object]:
+                       progress: Optional[Callable[[str], None]] = print, n_val: int = 50,
+                       val_fraction: float = VAL_FRACTION) -> Dict[str, object]:
     """Write the ImageFolder under ``root`` (replaced whole, via a temporary folder) and return its
     description (also written to ``root/photos.json``)."""
     from PIL import Image
@@ -161,11 +172,11 @@ def build_photo_folder(root: Path, classes: Sequence[str] = DEFAULT_CLASSES, n_t
             cls = PHOTOS[name]
             img = load_photo(cls.source)
             h, w = img.shape[:2]
-            boxes = regions(w, h, cls, test_fraction)
-            largest = _largest_side(boxes["test"])
+            boxes = regions(w, h, cls, test_fraction, val_fraction)
+            largest = min(_largest_side(boxes["test"]), _largest_side(boxes["val"]))
             side_range = (SCALE[0] * largest, SCALE[1] * largest)
-            counts = {"train": n_train, "test": n_test}
-            for si, split in enumerate(("train", "test")):
+            counts = {"train": n_train, "val": n_val, "test": n_test}
+            for si, split in enumerate(SPLITS):
                 folder = tmp / split / name if layout == "split" else tmp / name
                 folder.mkdir(parents=True, exist_ok=True)
                 prefix = "" if layout == "split" else f"{split}_"
@@ -174,9 +185,12 @@ def build_photo_folder(root: Path, classes: Sequence[str] = DEFAULT_CLASSES, n_t
             described.append({**asdict(cls), "photo_size": [w, h], "regions": boxes,
                               "crop_side_px": [round(v, 1) for v in side_range], **{f"n_{k}": v for k, v in counts.items()}})
             if progress:
-                progress(f"photos: {name:<11} {cls.source:<28} {w}x{h}  train {boxes['train']}  test {boxes['test']}  "
-                         f"crop side {side_range[0]:.0f}-{side_range[1]:.0f} px -> {n_train} train + {n_test} test")
-        info = {"layout": layout, "size": SIZE, "seed": seed, "test_fraction": test_fraction, "gap_px": GAP,
+                progress(f"photos: {name:<11} {cls.source:<28} {w}x{h}  "
+                         + "  ".join(f"{k} {tuple(round(v) for v in boxes[k])}" for k in SPLITS)
+                         + f"  crop side {side_range[0]:.0f}-{side_range[1]:.0f} px -> {n_train} train + "
+                           f"{n_val} val + {n_test} test")
+        info = {"layout": layout, "size": SIZE, "seed": seed, "test_fraction": test_fraction,
+                "val_fraction": val_fraction, "gap_px": GAP,
                 "max_rotation_deg": MAX_ROTATION, "classes": described}
         (tmp / "photos.json").write_text(json.dumps(info, indent=2))
         tmp.chmod(0o755)  # mkdtemp's 0700 would stay with the folder
@@ -207,12 +221,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("root", type=Path, help="output folder (replaced)")
     p.add_argument("--classes", nargs="+", default=list(DEFAULT_CLASSES), choices=sorted(PHOTOS))
     p.add_argument("--train", type=int, default=200, help="train crops per class")
+    p.add_argument("--val", type=int, default=50, help="validation crops per class")
     p.add_argument("--test", type=int, default=100, help="test crops per class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=("split", "flat"), default="split")
     p.add_argument("--test-fraction", type=float, default=TEST_FRACTION, help="share of each photo held out for test")
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of each photo held out for val")
     a = p.parse_args(argv)
-    build_photo_folder(a.root, a.classes, a.train, a.test, a.seed, a.layout, a.test_fraction)
+    build_photo_folder(a.root, a.classes, a.train, a.test, a.seed, a.layout, a.test_fraction, n_val=a.val,
+                       val_fraction=a.val_fraction)
     print(f"photos: wrote {a.root} ({a.layout} layout)")
     return 0
 

@@ -151,12 +151,11 @@ def plain_run(cfg, run_name: str) -> Dict[str, float]:
     tags = {**provenance(), "data_hash": dataset.data_hash, "run_name": run_name}
     runs = log_pipeline_run(uri=uri, experiment=cfg.tracking.experiment, run_name=run_name,
                             config=cfg.model_dump(mode="json"), evaluation=evaluation, selection=sel,
-                            decision=decision, models={m.variant: m for m in models}, report_md=report,
+                            decision=decision, models={m.variant: m for m in models}, dataset=dataset, report_md=report,
                             plot_png=plot.png, tags=tags)
     promote_winner(uri=uri, name=reg.name, alias=reg.alias, selection=sel, evaluation=evaluation, decision=decision,
                    runs=runs, tags={**tags, "mlflow_parent_run_id": runs.parent_run_id})
-    deploy_from_registry(uri=uri, name=reg.name, alias=reg.alias, root=cfg.deploy_root(),
-                         dataset_manifest=dataset.manifest, keep=cfg.deploy.keep)
+    deploy_from_registry(uri=uri, name=reg.name, alias=reg.alias, root=cfg.deploy_root(), keep=cfg.deploy.keep)
     (wall, cpu), mlflow = run.read(), [a + b for a, b in zip(mlflow, part.read())]
     return {"wall": wall, "cpu": cpu, "compute_wall": wall - mlflow[0], "compute_cpu": cpu - mlflow[1],
             "mlflow_wall": mlflow[0]}

@@ -7,6 +7,8 @@ it can be copied, hashed, verified and loaded by anyone with the folder.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,9 +34,63 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_process_root: Optional[Path] = None
+_scopes: List[Path] = []
+
+
 def new_workdir(prefix: str) -> Path:
-    """A fresh local folder for an artifact being built."""
-    return Path(tempfile.mkdtemp(prefix=f"edgeopt-{prefix}-"))
+    """A fresh local folder for an artifact being built, inside the innermost :func:`workdir_scope`
+    (removed when it ends) or else inside this process's ``<temp dir>/edgeopt-<pid>-*`` folder
+    (removed when the process exits)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=_scopes[-1] if _scopes else process_workroot()))
+
+
+def process_workroot() -> Path:
+    """This process's ``<temp dir>/edgeopt-<pid>-*`` folder, made on first use and removed at exit.
+
+    Folders left by processes that are gone (killed before their exit hooks ran) are removed when
+    the next one is made, so a nightly job cannot fill the disk with them.
+    """
+    global _process_root
+    if _process_root is None or not _process_root.is_dir():
+        remove_orphaned_workroots()
+        _process_root = Path(tempfile.mkdtemp(prefix=f"edgeopt-{os.getpid()}-"))
+        atexit.register(shutil.rmtree, _process_root, True)
+    return _process_root
+
+
+def remove_orphaned_workroots(tmp: Optional[Path] = None) -> List[Path]:
+    """Remove the ``edgeopt-<pid>-*`` folders under ``tmp`` (the system temp dir) whose process is gone."""
+    removed = []
+    for p in Path(tmp or tempfile.gettempdir()).glob("edgeopt-*-*"):
+        pid = p.name.split("-")[1]
+        if p.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def workdir_scope() -> Iterator[Path]:
+    """Every :func:`new_workdir` made inside goes into one folder, removed when the block ends
+    (a pipeline run: the steps' inputs and outputs are in the artifact store by then)."""
+    scope = Path(tempfile.mkdtemp(prefix="run-", dir=process_workroot()))
+    _scopes.append(scope)
+    try:
+        yield scope
+    finally:
+        _scopes.remove(scope)
+        shutil.rmtree(scope, ignore_errors=True)
 
 
 def fsync_tree(root: Path) -> None:

@@ -8,6 +8,7 @@ A bad file fails fast with one line naming the field's path and what was expecte
 from __future__ import annotations
 
 import os
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
@@ -18,12 +19,29 @@ from edgeopt import precisions
 from edgeopt.precisions.nncf_backend import AccuracyControlOptions, NNCFOptions
 from edgeopt.precisions.ort import OrtOptions
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# From a checkout, relative config paths and the local state live in the checkout; installed (site-packages),
+# they live in the directory the command runs in (the user's project).
+_SOURCE_ROOT = Path(__file__).resolve().parent.parent
+FROM_CHECKOUT = (_SOURCE_ROOT / "pyproject.toml").is_file()
+PROJECT_ROOT = _SOURCE_ROOT if FROM_CHECKOUT else Path.cwd()
+
+
+# Bounds of what a config may ask for: a run config is a few kilobytes of YAML; images larger than
+# this on a side are not what an edge model eats, and one such image alone is gigabytes as float32.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_NODES = 100_000
+MAX_IMAGE_SIDE = 2048
+MAX_ERROR_CHARS = 500
+MAX_LIST_ITEMS = 32
 
 
 def resolve_path(p: Path) -> Path:
-    """A path from the config: relative paths are under the checkout."""
+    """A path from the config: ``~`` is the user's home; relative paths are under the checkout (installed:
+    the working directory)."""
+    p = Path(p).expanduser()
     return p if p.is_absolute() else PROJECT_ROOT / p
+
 
 def _known_precision(name: str) -> str:
     if name != precisions.IDENTITY:
@@ -79,6 +97,8 @@ class DataConfig(_Strict):
     def _positive_size(cls, v):
         if v is not None and min(v) < 4:
             raise ValueError("each side must be at least 4 pixels")
+        if v is not None and max(v) > MAX_IMAGE_SIDE:
+            raise ValueError(f"each side must be at most {MAX_IMAGE_SIDE} pixels")
         return v
 
     @model_validator(mode="after")
@@ -96,7 +116,8 @@ class DataConfig(_Strict):
                 raise ValueError("data.root is required when data.source is 'imagefolder'")
             root = resolve_path(self.root)
             if not root.is_dir():
-                raise ValueError(f"data.root: folder not found: {self.root}")
+                what = "not a folder" if root.exists() else "folder not found"
+                raise ValueError(f"data.root: {what}: {self.root}")
         return self
 
 
@@ -283,6 +304,13 @@ class VariantsConfig(_Strict):
     )
     quant: QuantConfig = QuantConfig()
 
+    @field_validator("bases", "quantization", "formats", "runtimes", mode="before")
+    @classmethod
+    def _short(cls, v):
+        if isinstance(v, (list, tuple)) and len(v) > MAX_LIST_ITEMS:  # before validating each item of a huge list
+            raise ValueError(f"at most {MAX_LIST_ITEMS} entries, got {len(v)}")
+        return v
+
     @field_validator("bases", "quantization", "formats", "runtimes")
     @classmethod
     def _unique(cls, v):
@@ -339,6 +367,36 @@ class TargetConfig(_Strict):
     constraints: ConstraintsConfig = ConstraintsConfig()
 
 
+class DeviceTargetConfig(_Strict):
+    """A device that measures every variant: an edgeopt agent on it (README 'Devices'), reached over
+    HTTP(S). The latency protocol and the constraints are the run's ``target``; each device gets its
+    own Pareto front and winner. The first device drives the champion (registry alias) and the
+    deploy folder; every other one gets the alias ``<registry.alias>-<label>``."""
+
+    label: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,39}$",
+                       description="Short name: in reports, MLflow metric names (<label>.latency_p50_ms) and the "
+                                   "device's registry alias (<registry.alias>-<label>).")
+    url: str = Field(pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+                     description="The agent's base URL, e.g. http://127.0.0.1:8765 (an SSH tunnel to the device) or "
+                                 "https://board-7.lan:8765 (the agent serving TLS).")
+    token_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                           description="Name of the environment variable holding the agent's token (never the token "
+                                       "itself: configs are committed and logged).")
+    ca_file: Optional[Path] = Field(None, description="CA certificate (PEM) that signed an https agent's certificate; "
+                                                      "default: the system's.")
+    threads: Optional[int] = Field(None, ge=1, le=256, description="Inference threads on this device; default: "
+                                                                   "target.threads.")
+    timeout_s: float = Field(900.0, gt=0, le=86400, description="Longest wait for this device's evaluation job "
+                                                                "(every model, uploaded, measured, answered).")
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file_exists(cls, v):
+        if v is not None and not resolve_path(v).is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+
 class SelectionConfig(_Strict):
     objective: Literal["latency", "size", "accuracy"] = Field(
         "latency", description="Among feasible Pareto-optimal variants, the one best at this wins."
@@ -357,6 +415,11 @@ class PromotionConfig(_Strict):
     min_size_gain_pct: Optional[float] = Field(
         None, ge=0, le=100, description="The challenger's file must be at least this much smaller (%); null: no rule."
     )
+    replace_unmeasured_champion: bool = Field(
+        False, description="When the champion cannot be re-measured on this run's data and target (a changed "
+        "image size or class count, a runtime it no longer loads on): false keeps it and promotes nothing; "
+        "true lets the winner replace it without a comparison.",
+    )
 
 
 class RegistryConfig(_Strict):
@@ -371,13 +434,20 @@ class TrackingConfig(_Strict):
     uri: Optional[str] = Field(
         None, description="MLflow tracking URI; default: sqlite:///<checkout>/.edgeopt/mlflow.db."
     )
-    experiment: str = Field("edgeopt", min_length=1)
+    experiment: str = Field(
+        "edgeopt", pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$", max_length=200,
+        description="MLflow experiment name; a local store keeps its artifacts in mlartifacts/<experiment> "
+                    "beside the database, so the name is one plain folder name.",
+    )
 
     @field_validator("uri")
     @classmethod
     def _no_file_store(cls, v):
         if v is not None and (v.startswith("file:") or "://" not in v):
             raise ValueError("MLflow 3 refuses file stores; use sqlite:///path/mlflow.db or an http(s):// server")
+        if v is not None and v.startswith("sqlite:///") and not v.startswith("sqlite:////"):
+            raise ValueError("a relative SQLite path depends on the working directory; write it absolute "
+                             "(sqlite:////abs/path/mlflow.db) or leave tracking.uri unset")
         return v
 
 
@@ -387,7 +457,7 @@ class DeployConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
     teacher: TeacherConfig
@@ -399,6 +469,18 @@ class RunConfig(_Strict):
     registry: RegistryConfig = RegistryConfig()
     tracking: TrackingConfig = TrackingConfig()
     deploy: DeployConfig = DeployConfig()
+    targets: List[DeviceTargetConfig] = Field(
+        [], description="Devices that measure the variants, each through its agent; empty: measure on the machine "
+                        "that runs evaluate (the default).",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_labels(cls, v):
+        labels = [t.label for t in v]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"duplicate labels in {labels}")
+        return v
 
     @model_validator(mode="after")
     def _bases_and_variants(self):
@@ -426,21 +508,34 @@ class RunConfig(_Strict):
 
 def state_dir() -> Path:
     """Where edgeopt keeps its local state (MLflow store, decoded-image cache): ``EDGEOPT_STATE_DIR``,
-    else ``.edgeopt`` inside the checkout (the tests point it at their own temporary folder)."""
+    else ``.edgeopt`` inside the checkout, or in the working directory when installed (the tests point it
+    at their own temporary folder)."""
     d = Path(os.environ.get("EDGEOPT_STATE_DIR") or PROJECT_ROOT / ".edgeopt")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
+_SHOWN = reprlib.Repr()  # a bounded repr of the bad value: a list or string of any size shows as a few items
+_SHOWN.maxlevel, _SHOWN.maxdict, _SHOWN.maxlist, _SHOWN.maxtuple = 2, 4, 4, 4
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 60, 60, 40
+
+
+def _clip(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format_error(source: str, err: ValidationError) -> str:
-    e = err.errors()[0]
+    """One line: the first error's field path, what was expected and a bounded view of what was given."""
+    e = err.errors(include_url=False, include_context=False, include_input=True)[0]
     path = ".".join(str(p) for p in e["loc"]) or "(top level)"
-    msg = e["msg"].removeprefix("Value error, ")
+    msg = _clip(e["msg"].removeprefix("Value error, ").splitlines()[0], 300)
     if e["type"] == "extra_forbidden":
         msg = "unknown field"
-    shown = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {e.get('input')!r})"
-    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
-    return f"{source}: {path}: {msg}{shown}{more}"
+    section = isinstance(e.get("input"), dict)  # a rule across a section's fields: its message names them
+    shown = "" if section or e["type"] in ("missing", "extra_forbidden") else f" (got {_SHOWN.repr(e.get('input'))})"
+    where = "" if section and (path == "(top level)" or msg.startswith(f"{path}.")) else f"{path}: "
+    more = f" [+{err.error_count() - 1} more]" if err.error_count() > 1 else ""
+    return _clip(f"{source}: {where}{msg}{shown}") + more
 
 
 def parse_config(raw: dict, source: str = "config") -> RunConfig:
@@ -452,14 +547,83 @@ def parse_config(raw: dict, source: str = "config") -> RunConfig:
         raise ConfigError(_format_error(source, err)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    path = Path(path)
+def read_config_text(path: Path) -> str:
+    """The config file's text: a readable UTF-8 text file of at most MAX_CONFIG_BYTES, else ConfigError."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a folder, not a config file")
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({err.strerror or type(err).__name__})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB: not a run config")
+    if b"\0" in data:
+        raise ConfigError(f"{path}: a binary file, not a YAML config")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}): not a YAML config") from None
+
+
+# libyaml's parser (in PyYAML's wheels): ten times faster than the pure-Python one, and it refuses
+# nesting beyond 1000 levels by itself.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _check_shape(node: yaml.Node, source: str) -> None:
+    """Refuse YAML that nests deeper than MAX_CONFIG_DEPTH or expands (through aliases) to more than
+    MAX_CONFIG_NODES values, before anything is built from it: an alias bomb of a few hundred bytes
+    stands for billions of values. Sizes are memoized per node, so a bomb costs its own size to measure."""
+    measured: Dict[int, Tuple[int, int]] = {}
+
+    def measure(n: yaml.Node) -> Tuple[int, int]:
+        if id(n) not in measured:
+            parts = [measure(c) for c in _children(n)]
+            size, depth = 1 + sum(p[0] for p in parts), 1 + max((p[1] for p in parts), default=0)
+            if depth > MAX_CONFIG_DEPTH:
+                raise ConfigError(f"{source}: nested deeper than {MAX_CONFIG_DEPTH} levels: not a run config")
+            if size > MAX_CONFIG_NODES:
+                raise ConfigError(f"{source}: expands to more than {MAX_CONFIG_NODES} values (YAML aliases): "
+                                  "not a run config")
+            measured[id(n)] = (size, depth)
+        return measured[id(n)]
+
+    measure(node)
+
+
+def _children(n: yaml.Node) -> List[yaml.Node]:
+    if isinstance(n, yaml.SequenceNode):
+        return list(n.value)
+    if isinstance(n, yaml.MappingNode):
+        return [x for pair in n.value for x in pair]
+    return []
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read, check and validate a run config file; every problem is a one-line ConfigError."""
+    path = Path(path)
+    text = read_config_text(path)
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError(f"{path}: empty config")
+        _check_shape(node, str(path))
+        raw = loader.construct_document(node)
+    except RecursionError:  # deeper than Python's stack: far beyond MAX_CONFIG_DEPTH
+        raise ConfigError(f"{path}: nested deeper than {MAX_CONFIG_DEPTH} levels: not a run config") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        problem = _clip(str(getattr(err, "problem", None) or err).splitlines()[0], 120)
+        if "nesting depth" in problem:  # libyaml's own limit
+            raise ConfigError(f"{path}: nested deeper than {MAX_CONFIG_DEPTH} levels: not a run config") from None
+        raise ConfigError(f"{path}:{where}: not valid YAML ({problem})") from None
+    finally:
+        loader.dispose()
     return parse_config(raw, str(path))

@@ -4,7 +4,9 @@ A model is only as good as the agreement between the pixels it was trained on an
 served, so the rules live here once and both sides call :func:`decode_image`:
 
 - only the formats listed in :data:`FORMATS` are opened (Pillow is told to try no other plugin:
-  EPS/PS would run Ghostscript, and the rarer plugins are attack surface nobody here needs);
+  EPS/PS would run Ghostscript, ICO decodes its embedded PNG while opening, and the rarer plugins
+  are attack surface nobody here needs); a file of another format is refused by that format's name,
+  found from its first bytes by the plugins' own signature checks, which decode nothing;
 - the pixel count is checked from the header, before any pixel is decoded (a few kilobytes of
   PNG can declare a gigapixel image);
 - the EXIF orientation is applied, so a phone photo is upright whichever way it was stored;
@@ -18,8 +20,9 @@ No torch here: the server imports this module.
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -44,6 +47,16 @@ class ImageTooLarge(ImageError):
     """The header declares more pixels than allowed; nothing was decoded."""
 
 
+class ImageFormatRefused(ImageError):
+    """An image format outside :data:`FORMATS` (named in the message); nothing was decoded."""
+
+
+def image_pixels(source: Union[Path, bytes], *, max_pixels: int = MAX_PIXELS, name: Optional[str] = None) -> int:
+    """Width x height from the header alone, with :func:`decode_image`'s checks and errors; decodes nothing."""
+    with _opened(source, max_pixels, _label(source, name)) as im:
+        return im.width * im.height
+
+
 def decode_image(
     source: Union[Path, bytes],
     size: Optional[Tuple[int, int]] = None,
@@ -61,7 +74,32 @@ def decode_image(
     """
     if mode not in ("RGB", "L"):
         raise ValueError(f"mode must be 'RGB' or 'L', got {mode!r}")
-    label = name or (str(source) if isinstance(source, Path) else "image")
+    label = _label(source, name)
+    with _opened(source, max_pixels, label) as im:
+        try:
+            upright = ImageOps.exif_transpose(im)
+            converted = _to_8bit(upright).convert(mode)
+            if size is not None and converted.size != (size[1], size[0]):
+                converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            return np.array(converted, dtype=np.uint8)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # a frame beyond the header's size
+            raise ImageTooLarge(f"{label}: image larger than {max_pixels} pixels") from None
+        except Exception as err:  # noqa: BLE001 - decoding untrusted bytes: any failure means "not an image"
+            raise ImageError(f"{label}: not a readable image ({_reason(err)})") from None
+
+
+def _label(source: Union[Path, bytes], name: Optional[str]) -> str:
+    return name or (str(source) if isinstance(source, Path) else "image")
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}{': ' if text else ''}{text}"
+
+
+@contextmanager
+def _opened(source: Union[Path, bytes], max_pixels: int, label: str) -> Iterator[Image.Image]:
+    """The image opened by an allowed plugin, its header read and its size checked; no pixel decoded yet."""
     try:
         empty = (source.stat().st_size if isinstance(source, Path) else len(source)) == 0
     except OSError as err:
@@ -69,24 +107,45 @@ def decode_image(
     if empty:
         raise ImageError(f"{label}: empty file (0 bytes)")
     try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=FORMATS) as im:
-            width, height = im.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(f"{label}: image of {width}x{height} pixels is larger than {max_pixels} pixels")
-            upright = ImageOps.exif_transpose(im)
-            converted = _to_8bit(upright).convert(mode)
-            if size is not None and converted.size != (size[1], size[0]):
-                converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.array(converted, dtype=np.uint8)
-    except ImageError:
-        raise
+        im = Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # the warning: where warnings are errors
         raise ImageTooLarge(f"{label}: image larger than {max_pixels} pixels") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{label}: not a readable image (not one of {', '.join(FORMATS)})") from None
-    except Exception as err:  # noqa: BLE001 - decoding untrusted bytes: any failure means "not an image"
-        reason = str(err).splitlines()[0] if str(err) else ""
-        raise ImageError(f"{label}: not a readable image ({type(err).__name__}{': ' if reason else ''}{reason})") from None
+        fmt = _format_of(source)
+        allowed = ", ".join(FORMATS)
+        if fmt in FORMATS:
+            raise ImageError(f"{label}: not a readable image (a broken {fmt} file)") from None
+        if fmt is not None:
+            raise ImageFormatRefused(f"{label}: not a readable image (not one of {allowed}: "
+                                     f"{fmt} files are refused)") from None
+        raise ImageError(f"{label}: not a readable image (not one of {allowed})") from None
+    except Exception as err:  # noqa: BLE001 - a header that breaks a plugin: not an image
+        raise ImageError(f"{label}: not a readable image ({_reason(err)})") from None
+    with im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"{label}: image of {width}x{height} pixels is larger than {max_pixels} pixels")
+        yield im
+
+
+def _format_of(source: Union[Path, bytes]) -> Optional[str]:
+    """The name of the Pillow format whose signature ``source`` starts with (its plugin's ``_accept``, a
+    comparison of the first 16 bytes, as :func:`PIL.Image.open` does before choosing a plugin), or None."""
+    try:
+        with source.open("rb") if isinstance(source, Path) else io.BytesIO(source) as f:
+            prefix = f.read(16)
+    except OSError:
+        return None
+    Image.init()
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        try:
+            known = accept is not None and accept(prefix)
+        except Exception:  # noqa: BLE001 - a signature check that cannot read a short prefix: not this format
+            continue
+        if known and not isinstance(known, str):  # a str is a plugin's "maybe" warning, not a match
+            return fmt
+    return None
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:

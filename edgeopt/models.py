@@ -5,13 +5,16 @@ two small CNNs sized for small inputs (the embedded default) and torchvision's c
 with random weights (nothing is downloaded). Checkpoints are state dicts loaded with
 ``weights_only=True``; a pruned model's reduced layer shapes are read back from the weights' own
 shapes, and a low-rank one's factorized layers from the ``lowrank_plan`` in its manifest, so a
-shrunk student reloads into its named architecture without any pickled code.
+shrunk student reloads into its named architecture without any pickled code. A model brought as ONNX
+is made a torch model by onnx2torch (:func:`graph_module`; ``edgeopt.pretrained`` checks it against
+the file): its checkpoints keep the ONNX graph it was converted from beside the weights.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -114,6 +117,66 @@ def build_model(arch: str, num_classes: int, in_channels: int, width: int) -> nn
     return ARCHITECTURES[arch](num_classes, in_channels, width)
 
 
+CONVERTED = "onnx2torch"  # the arch name of a brought ONNX model converted to torch
+CONVERTED_GRAPH = "graph.onnx"  # the ONNX graph it was converted from, kept in each of its checkpoints
+
+
+def graph_module(graph) -> nn.Module:
+    """The torch model (onnx2torch's torch.fx GraphModule) of an ONNX graph (a path or ModelProto);
+    its initializers become the parameters."""
+    import onnx
+    from onnx2torch import convert
+
+    model = onnx.load(str(graph)) if isinstance(graph, (str, Path)) else graph
+    for node in model.graph.node:  # an omitted trailing optional input is "": onnx2torch takes it for a tensor
+        while node.input and not node.input[-1]:
+            node.input.pop()
+    return convert(model)
+
+
+def add_batchnorm(model: nn.Module) -> List[nn.BatchNorm2d]:
+    """A BatchNorm2d after every Conv2d, in place: an exported model has its BatchNorms folded into
+    the convolutions, and fine-tuning it without them is slow and unstable. Each starts as the identity
+    in eval mode; :func:`calibrate_batchnorm` makes it the identity on real data in train mode too."""
+    added = []
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Conv2d):
+            bn = nn.BatchNorm2d(m.out_channels)
+            bn.running_var = torch.full((m.out_channels,), 1 - bn.eps)
+            model.set_submodule(name, nn.Sequential(m, bn))
+            added.append(bn)
+    return added
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, norms: List[nn.BatchNorm2d], batches: Iterable[torch.Tensor]) -> None:
+    """Set each of ``norms`` (identity so far) to its input's per-channel mean and variance over
+    ``batches``, with weight = std and bias = mean: in eval mode the model computes what it did, in
+    train mode (batch statistics) nearly so, and pruning and fine-tuning see real statistics."""
+    sums: Dict[int, torch.Tensor] = {}  # per norm: [sum, sum of squares, count] x channels
+
+    def record(bn, inputs, _output):
+        x = inputs[0].double().transpose(0, 1).flatten(1)
+        s = torch.stack([x.sum(1), (x * x).sum(1), torch.full((len(x),), x.shape[1], dtype=torch.float64)])
+        sums[id(bn)] = sums[id(bn)] + s if id(bn) in sums else s
+
+    hooks = [bn.register_forward_hook(record) for bn in norms]
+    model.eval()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    for bn in norms:
+        total, squares, n = sums[id(bn)]
+        mean = total / n
+        var = (squares / n - mean * mean).clamp_min(0)
+        bn.running_mean, bn.running_var = mean.float(), var.float()
+        bn.weight.copy_((var + bn.eps).sqrt())
+        bn.bias.copy_(mean)
+
+
 def count_macs_params(model: nn.Module, input_shape) -> tuple[int, int]:
     """(MACs, parameters) of one forward pass at batch 1."""
     import torch_pruning as tp
@@ -123,11 +186,15 @@ def count_macs_params(model: nn.Module, input_shape) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def save_checkpoint(model: nn.Module, *, role: str, arch: Dict[str, Any], input_shape, info: Dict[str, Any]) -> Checkpoint:
-    """Write a Checkpoint folder: ``weights.pt`` (a plain state dict) + the manifest."""
+def save_checkpoint(model: nn.Module, *, role: str, arch: Dict[str, Any], input_shape, info: Dict[str, Any],
+                    graph: Optional[Path] = None) -> Checkpoint:
+    """Write a Checkpoint folder: ``weights.pt`` (a plain state dict) + the manifest (+ ``graph``, the
+    ONNX graph a converted model is rebuilt from)."""
     out = new_workdir(role)
     model.eval()
     torch.save(model.state_dict(), out / "weights.pt")
+    if graph is not None:
+        shutil.copy2(graph, out / CONVERTED_GRAPH)
     macs, params = count_macs_params(model, input_shape)
     return Checkpoint.write(
         out, {"role": role, "arch": arch, "input_shape": list(input_shape), "macs": macs, "params": params, **info}
@@ -140,7 +207,12 @@ def load_checkpoint(ckpt: Checkpoint | Path) -> nn.Module:
     if ckpt.onnx_file is not None:  # a model brought as an ONNX file
         return OnnxModule(ckpt.onnx_file)
     a = ckpt.manifest["arch"]
-    model = build_model(a["name"], a["num_classes"], a["in_channels"], a["width"])
+    if a["name"] == CONVERTED:
+        model = graph_module(ckpt.path / CONVERTED_GRAPH)
+        if a.get("batchnorm"):
+            add_batchnorm(model)
+    else:
+        model = build_model(a["name"], a["num_classes"], a["in_channels"], a["width"])
     apply_lowrank_plan(model, ckpt.manifest.get("lowrank_plan", {}))
     state = torch.load(ckpt.path / "weights.pt", map_location="cpu", weights_only=True)
     _reshape_to(model, state)

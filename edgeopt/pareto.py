@@ -10,6 +10,8 @@ from typing import Dict, List, Literal, Optional
 
 from pydantic import BaseModel
 
+from edgeopt.promotion import Decision
+
 # (metric, sense): +1 higher is better, -1 lower is better
 OBJECTIVES = {"accuracy": ("accuracy", +1), "latency": ("latency_p50_ms", -1), "size": ("size_mb", -1)}
 FRONT_METRICS = [("accuracy", +1), ("latency_p50_ms", -1), ("size_mb", -1)]
@@ -31,6 +33,28 @@ class Selection(BaseModel):
     @property
     def front(self) -> List[str]:
         return [v.variant for v in self.verdicts if v.status == "front"]
+
+
+class TargetSelection(BaseModel):
+    """One target device's own selection and champion-vs-challenger decision, on what that device
+    measured. The first target's are the run's ``selection`` and ``decision``; its alias is the
+    registry's, every other target's is ``<alias>-<label>``."""
+
+    label: str
+    fingerprint: str
+    cpu: str
+    alias: str
+    selection: Selection
+    decision: Decision
+
+
+class TargetSelections(BaseModel):
+    """Every target's selection, in the config's order (empty when the run measured locally)."""
+
+    targets: List[TargetSelection] = []
+
+    def winners_differ(self) -> bool:
+        return len({t.selection.winner for t in self.targets}) > 1
 
 
 def _dominates(a: dict, b: dict) -> bool:

@@ -1,6 +1,7 @@
 """The variant plan: every model a run builds and every (model, runtime) it measures, computed once.
 
-base (teacher | student) x shrink (none, or a technique at an amount; torch bases only)
+base (teacher | student) x shrink (none, or a technique at an amount; a brought ONNX teacher is shrunk
+  as its torch conversion, checked against the file when the shrink step runs)
   x format (onnx | openvino) x precision (fp32 | fp16 | int8 ...) x runtime (those that read the format)
 
 The pipeline wires its steps from it, ``run.py validate`` prints it, bench/ and the tests read it;
@@ -95,15 +96,13 @@ def variant_plan(cfg: RunConfig) -> Plan:
     v = cfg.variants
     notes: List[str] = []
     shrinks: List[ShrinkSpec] = []
-    torch_base = {"teacher": cfg.teacher.is_torch, "student": True}
     for base in v.bases:
         shrinks.append(ShrinkSpec(base))
         if not v.shrink:
             continue
-        if not torch_base[base]:
-            notes.append(f"structural techniques ({', '.join(v.shrink)}) skip the {base}: it is an ONNX model "
-                         f"(bring a torch checkpoint for `arch` to prune it)")
-            continue
+        if base == "teacher" and cfg.teacher.onnx is not None:
+            notes.append(f"structural techniques ({', '.join(v.shrink)}) shrink the teacher's torch conversion "
+                         f"(onnx2torch), checked against {cfg.teacher.onnx.name} on validation images first")
         from edgeopt.techniques import get
 
         for name, opts in v.shrink.items():

@@ -6,20 +6,31 @@ Nothing is downloaded and no code is unpickled. An ONNX file is inspected before
 output of [N, classes], no custom operators) and what edgeopt cannot take is refused in one line
 naming the file and the reason. Whether it outputs logits or probabilities is detected on real
 images and recorded, so that KD, evaluation, reports and serving treat it right.
+
+For the structural recipes (pruning, low-rank, sparsity), an ONNX model becomes a torch model
+(:func:`torch_from_onnx`): ONNX Runtime's basic graph optimizations fold what the input shape fixes
+(e.g. TF "same" padding computed from the image size), a final Softmax is set aside so the torch
+model gives logits, onnx2torch converts the graph, and the converted model's outputs are checked
+against the file's own on validation images, several at once; a conversion that does not match is
+refused in one line with the measured difference.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from edgeopt.artifacts import Checkpoint, new_workdir, sha256_file
+from edgeopt.artifacts import Checkpoint, Dataset, new_workdir, sha256_file
 from edgeopt.config import DataConfig, resolve_path
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +38,9 @@ OPSETS = range(13, 22)
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
 FLOAT32 = 1  # onnx.TensorProto.FLOAT
 Dim = Union[int, str]
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: the most one ONNX file can hold with its weights inside
+CONVERSION_ATOL = 1e-3  # max |torch conversion - ONNX file| over the outputs (logits or probabilities)
+CONVERSION_IMAGES = 16  # validation images the conversion is checked on, run as one batch
 
 
 class PretrainedError(ValueError):
@@ -137,17 +151,23 @@ def output_kind(outputs: np.ndarray) -> str:
     return "logits"
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else 'no message'}"
+
+
 def _read_state_dict(path: Path) -> Dict:
     import torch
 
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise PretrainedError(f"{path}: not a loadable state dict ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever the loader says, the file is not a state dict
+        raise PretrainedError(f"{path}: not a loadable state dict ({_first_line(err)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # a training checkpoint: {"state_dict": ..., "epoch": ...}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -183,25 +203,59 @@ def load_state_dict_teacher(path: Path, arch: Dict, input_shape):
     return model.eval()
 
 
-def onnx_teacher(path: Path, dataset) -> Checkpoint:
-    """Wrap a brought ONNX model as a Checkpoint folder (``model.onnx``), after checking it against the
-    dataset and running it on validation images (which also tells logits from probabilities)."""
-    from edgeopt.runtimes import make_predictor
+def _ort_session(path: Path, what: str, options, named: Path):
+    """An ONNX Runtime CPU session on a brought file; whatever stops ORT is a one-line PretrainedError
+    naming ``named``."""
+    import onnxruntime as ort
 
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - what ORT says is the reason
+        raise PretrainedError(f"{named}: ONNX Runtime cannot {what} ({_first_line(err)})") from None
+
+
+def _run_file(model_file: Path, x: np.ndarray, named: Path) -> np.ndarray:
+    """The outputs of ``model_file`` on ``x`` by ONNX Runtime (any fixed batch); whatever stops ORT,
+    creating the session or running it, is a one-line PretrainedError naming ``named``."""
+    from edgeopt.runtimes.onnxruntime import OrtPredictor
+
+    try:
+        return OrtPredictor(model_file, 0).predict_batched(x)
+    except Exception as err:  # noqa: BLE001 - what ORT says is the reason
+        raise PretrainedError(f"{named}: ONNX Runtime cannot run it ({_first_line(err)})") from None
+
+
+def _copy_model(path: Path, dst: Path) -> Path:
+    """``path`` as one self-contained file at ``dst``: a model with external data gets its weights
+    inside (the data files beside the original would not travel with the copy)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    m = onnx.load(str(path), load_external_data=False)
+    if not any(uses_external_data(t) for t in m.graph.initializer):
+        return Path(shutil.copy2(path, dst))
+    m = onnx.load(str(path))  # the data files are read from beside the original, as onnx resolves them
+    size = m.ByteSize()
+    if size > PROTOBUF_LIMIT:
+        raise PretrainedError(f"{path}: its external data make {size / 2**30:.1f} GiB, over the 2 GiB one ONNX file "
+                              f"can hold; edgeopt takes models whose weights fit in one file")
+    onnx.save(m, str(dst))
+    return dst
+
+
+def onnx_teacher(path: Path, dataset) -> Checkpoint:
+    """Wrap a brought ONNX model as a Checkpoint folder (``model.onnx``, external data taken inside),
+    after checking it against the dataset and running the copy on validation images (which also
+    tells logits from probabilities)."""
     path = resolve_path(path)
     num_classes = len(dataset.classes)
     info = inspect_onnx(path, dataset.input_shape, num_classes)
     x = next(dataset.batches("val", 32))[0]
-    try:
-        out = make_predictor("onnxruntime", path).predict_batched(x)
-    except Exception as err:  # noqa: BLE001 - what ORT says is the reason
-        raise PretrainedError(f"{path}: ONNX Runtime cannot run it ({type(err).__name__}: "
-                              f"{str(err).strip().splitlines()[0][:200]})") from None
+    out_dir = new_workdir("teacher")
+    out = _run_file(_copy_model(path, out_dir / "model.onnx"), x, path)
     if out.shape != (len(x), num_classes):
         raise PretrainedError(f"{path}: output shape {list(out.shape)[1:]} does not fit {num_classes} classes")
     kind = output_kind(out)
-    out_dir = new_workdir("teacher")
-    shutil.copy2(path, out_dir / "model.onnx")
     batch = f"fixed batch {info.fixed_batch}" if info.fixed_batch else "dynamic batch"
     log.info("brought ONNX model %s: input '%s' %s (%s), output '%s' %s (%s), opset %d, %d params", path.name,
              info.input_name, info.input_dims, batch, info.output_name, info.output_dims, kind, info.opset, info.params)
@@ -212,3 +266,81 @@ def onnx_teacher(path: Path, dataset) -> Checkpoint:
         "onnx": {"input": info.input_name, "output": info.output_name, "input_dims": info.input_dims,
                  "fixed_batch": info.fixed_batch, "opset": info.opset},
     })
+
+
+@dataclass(frozen=True)
+class Converted:
+    """A brought ONNX model as a torch model, and how closely it reproduces the file."""
+
+    model: "nn.Module"
+    graph: Path  # the ONNX graph it was converted from (folded; logits out), kept with every checkpoint of it
+    max_abs_diff: float  # over the outputs of ``images`` validation images, against the file's own
+    images: int
+
+    def describe(self) -> Dict[str, Any]:
+        return {"converter": "onnx2torch", "max_abs_diff": self.max_abs_diff, "images": self.images,
+                "atol": CONVERSION_ATOL}
+
+
+def _fold_for_torch(path: Path, folded: Path, output: str, named: Path) -> Any:
+    """The graph as ONNX Runtime's basic optimizations leave it (constants folded for the declared input
+    shape, standard operators only), a final Softmax set aside when the model outputs probabilities."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(folded)
+    so.log_severity_level = 3
+    _ort_session(path, "optimize it for the torch conversion", so, named)
+    m = onnx.load(str(folded))
+    if output == "probabilities":
+        out = m.graph.output[0]
+        last = next((n for n in m.graph.node if out.name in n.output), None)
+        if last is None or last.op_type != "Softmax":
+            raise PretrainedError(f"{named}: outputs probabilities but not from a final Softmax "
+                                  f"({last.op_type if last is not None else 'no node'}): structural recipes need "
+                                  f"its logits; export it without the normalization")
+        m.graph.node.remove(last)
+        for n in m.graph.node:
+            n.output[:] = [out.name if o == last.input[0] else o for o in n.output]
+    return m
+
+
+def torch_from_onnx(path: Path, dataset: Dataset, output: str = "logits", atol: float = CONVERSION_ATOL,
+                    source: Optional[Path] = None) -> Converted:
+    """The brought ONNX model at ``path`` as a torch model giving logits, checked against the file on
+    validation images of ``dataset``; PretrainedError (one line naming ``source``, the user's file, or
+    else ``path``, with the difference) if it does not match."""
+    import onnx
+    import torch
+
+    from edgeopt.models import graph_module
+
+    path = resolve_path(path)
+    named = Path(source) if source else path
+    graph = new_workdir("converted") / "graph.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        m = _fold_for_torch(path, Path(tmp) / "folded.onnx", output, named)
+    onnx.save(m, str(graph))
+    try:
+        model = graph_module(m).eval()
+    except Exception as err:  # noqa: BLE001 - an operator or pattern onnx2torch does not take
+        raise PretrainedError(f"{named}: onnx2torch cannot convert it to torch ({_first_line(err)}); structural "
+                              f"recipes need a torch model (bring a state dict for `arch`)") from None
+    x = next(dataset.batches("val", CONVERSION_IMAGES))[0]
+    want = _run_file(path, x, named)
+    try:
+        with torch.inference_mode():
+            got = model(torch.from_numpy(x))
+            got = (torch.softmax(got, 1) if output == "probabilities" else got).numpy()
+    except Exception as err:  # noqa: BLE001 - e.g. a shape the graph fixed at another batch size
+        raise PretrainedError(f"{named}: its torch conversion cannot run a batch of {len(x)} images "
+                              f"({_first_line(err)})") from None
+    diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+    if not diff <= atol:
+        raise PretrainedError(f"{named}: its torch conversion differs from the file by {diff:.2e} (> {atol:.0e}) "
+                              f"in the outputs of {len(x)} validation images; structural recipes are refused")
+    log.info("torch conversion of %s (onnx2torch): max |torch - ONNX| %.1e on %d validation images", named.name, diff,
+             len(x))
+    return Converted(model, graph, diff, len(x))

@@ -40,9 +40,14 @@ def decide(winner: Optional[VariantResult], champion: Optional[VariantResult], r
     if champion is None:
         return Decision(promote=True, reason="there is no champion yet: the winner becomes the first", rule=text)
     if not champion.ok:
-        return Decision(promote=True, champion=champion.variant, rule=text,
+        if rule.replace_unmeasured_champion:
+            return Decision(promote=True, champion=champion.variant, rule=text,
+                            reason=f"the champion could not be re-measured on this target ({champion.reason}): "
+                                   "the winner replaces it (promotion.replace_unmeasured_champion)")
+        return Decision(promote=False, champion=champion.variant, rule=text,
                         reason=f"the champion could not be re-measured on this target ({champion.reason}): "
-                               f"the winner replaces it")
+                               "kept, nothing compared; set promotion.replace_unmeasured_champion: true to let "
+                               "the winner replace it")
     w, c = winner.metrics, champion.metrics
     loss = 100 * (c["accuracy"] - w["accuracy"])
     checks = [("accuracy", loss <= rule.max_accuracy_loss,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from edgeopt.artifacts import FolderArtifact, new_workdir
+from edgeopt.benchmark import versions_text
 from edgeopt.evaluation import Evaluation
-from edgeopt.pareto import Selection
+from edgeopt.pareto import Selection, TargetSelections
 from edgeopt.promotion import Decision
 
 STATUS_MARK = {"front": "front", "dominated": "dominated", "infeasible": "infeasible", "failed": "FAILED"}
@@ -51,13 +53,59 @@ def variants_table(ev: Evaluation, sel: Selection) -> str:
     return "\n".join(rows)
 
 
-def selection_report(ev: Evaluation, sel: Selection, decision: Decision, run_name: str) -> str:
+def measured_on(ev: Evaluation) -> str:
     fp = ev.fingerprint
+    where = f"target `{ev.label}` ({ev.device['url']}): " if ev.device else ""
+    return (f"{where}{fp['cpu']} ({fp['cores']} cores, ISA {', '.join(fp['isa']) or 'baseline'}), "
+            f"{ev.target['threads']} thread(s), batch {ev.target['batch']}, {ev.target['iterations']} iterations after "
+            f"{ev.target['warmup']} warm-up; {versions_text(fp) or 'runtime versions unknown'} (fingerprint {fp['id']})")
+
+
+def targets_section(ev: Evaluation, targets: TargetSelections) -> List[str]:
+    """Every device's winner, and where the winners differ, each winner's p50 on every device."""
+    lines = ["## Devices", "", "| target | fingerprint | CPU | winner | acc % | p50 ms | decision |", "|---|---|---|---|---|---|---|"]
+    for e, t in zip(ev.devices, targets.targets):
+        w = e.result(t.selection.winner).metrics if t.selection.winner else None
+        lines.append(
+            f"| {t.label} (alias `{t.alias}`) | {t.fingerprint} | {t.cpu} | {t.selection.winner or 'none'} | "
+            + (f"{100 * w['accuracy']:.2f} | {w['latency_p50_ms']:.4f}" if w else "- | -")
+            + f" | {'promote' if t.decision.promote else 'keep'}: {t.decision.reason} |"
+        )
+    errors = [f"- `{e.label}`: {e.error}" for e in ev.devices if e.error]
+    if errors:
+        lines += ["", "**Devices that measured nothing:**", "", *errors]
+    winners = sorted({t.selection.winner for t in targets.targets if t.selection.winner})
+    lines.append("")
+    if not winners:
+        lines.append("**No device has a winner.**")
+        return lines
+    if not targets.winners_differ():
+        lines.append(f"**Every device picks the same winner:** {winners[0]}.")
+        return lines
+    lines += ["**The devices' winners differ.** p50 (ms) of each device's winner on every device "
+              "(* the device's own winner; each column measured in one loop on that device):", "",
+              "| variant | " + " | ".join(t.label for t in targets.targets) + " |",
+              "|---|" + "---|" * len(targets.targets)]
+    for name in winners:
+        cells = []
+        for e, t in zip(ev.devices, targets.targets):
+            r = next((x for x in e.results if x.variant == name), None)
+            cell = f"{r.metrics['latency_p50_ms']:.4f}" if r is not None and r.ok else "failed"
+            cells.append(cell + (" *" if t.selection.winner == name else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def selection_report(ev: Evaluation, sel: Selection, decision: Decision, run_name: str,
+                     targets: Optional[TargetSelections] = None) -> str:
+    """The run's report: winner, why, promotion, the rule, the variants table; with target devices,
+    the first device's selection first, then every device's winner and each other device's table."""
     c = {k: v for k, v in sel.constraints.items() if v is not None}
     lines = [
         f"# Selection report: {run_name}",
         "",
-        f"**Winner:** {sel.winner or 'none'}",
+        f"**Winner:** {sel.winner or 'none'}" + (f" (on target `{ev.label}`, which drives the champion and the deploy "
+                                                 "folder)" if ev.others else ""),
         "",
         f"**Why:** {sel.reason}.",
         "",
@@ -70,15 +118,21 @@ def selection_report(ev: Evaluation, sel: Selection, decision: Decision, run_nam
         f"**Rule:** drop every variant that violates a constraint ({', '.join(f'{k}={v}' for k, v in c.items()) or 'none'}), "
         f"keep the Pareto front over (accuracy up, p50 latency down, size down), pick the best `{sel.objective}` on it.",
         "",
-        f"**Measured on:** {fp['cpu']} ({fp['cores']} cores, ISA {', '.join(fp['isa']) or 'baseline'}), "
-        f"{ev.target['threads']} thread(s), batch {ev.target['batch']}, {ev.target['iterations']} iterations after "
-        f"{ev.target['warmup']} warm-up; onnxruntime {fp['onnxruntime']}, openvino {fp['openvino']}, torch {fp['torch']} "
-        f"(fingerprint {fp['id']}). All latencies below come from this one run.",
+        f"**Measured on:** {measured_on(ev)}. All latencies below come from this one run.",
         "",
     ]
+    lines += [f"> error: {ev.error}"] + [""] if ev.error else []
     lines += [f"> warning: {w}" for w in ev.warnings] + ([""] if ev.warnings else [])
     lines += ["```", variants_table(ev, sel), "```", "", "## Verdicts", ""]
     lines += [f"- `{v.variant}`: {v.status}" + (f": {'; '.join(v.reasons)}" if v.reasons else "") for v in sel.verdicts]
+    if targets is not None and targets.targets:
+        lines += ["", *targets_section(ev, targets)]
+        for e, t in zip(ev.others, targets.targets[1:]):
+            lines += ["", f"### Target `{t.label}`", "", f"**Measured on:** {measured_on(e)}.", "",
+                      f"**Winner:** {t.selection.winner or 'none'}: {t.selection.reason}.", "",
+                      f"**Promotion (alias `{t.alias}`):** {'promote' if t.decision.promote else 'keep'}: "
+                      f"{t.decision.reason}.", "", *[f"> warning: {w}" for w in e.warnings],
+                      "```", variants_table(e, t.selection), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -112,19 +166,24 @@ def pareto_plot(ev: Evaluation, sel: Selection, path: Path) -> Path:
         ax.scatter([w["latency_p50_ms"]], [100 * w["accuracy"]], marker="*", s=400, c="gold",
                    edgecolors="black", label=f"winner: {sel.winner}", zorder=5)
     t = ev.reference
-    ax.scatter([t.latency_p50_ms], [100 * t.accuracy], marker="D", c="black", label=f"reference: {t.variant}")
-    drop = sel.constraints.get("max_accuracy_drop")
-    if drop is not None:
-        ax.axhline(100 * t.accuracy - drop, color="tab:red", linestyle=":", linewidth=1, label=f"max drop {drop} pt")
-    lat = sel.constraints.get("max_latency_ms")
-    if lat is not None:
-        ax.axvline(lat, color="tab:red", linestyle="-.", linewidth=1, label=f"max p50 {lat} ms")
-    ax.set_xscale("log")
+    if math.isfinite(t.latency_p50_ms):  # a device that measured nothing has no reference to draw
+        ax.scatter([t.latency_p50_ms], [100 * t.accuracy], marker="D", c="black", label=f"reference: {t.variant}")
+        drop = sel.constraints.get("max_accuracy_drop")
+        if drop is not None:
+            ax.axhline(100 * t.accuracy - drop, color="tab:red", linestyle=":", linewidth=1, label=f"max drop {drop} pt")
+        lat = sel.constraints.get("max_latency_ms")
+        if lat is not None:
+            ax.axvline(lat, color="tab:red", linestyle="-.", linewidth=1, label=f"max p50 {lat} ms")
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, f"nothing measured on {ev.label}:\n{ev.error}", ha="center", va="center", wrap=True,
+                transform=ax.transAxes)
     ax.set_xlabel(f"p50 latency, ms (log; batch {ev.target['batch']}, {ev.target['threads']} thread(s))")
     ax.set_ylabel("test accuracy, %")
     ax.set_title("Variants: accuracy vs latency (marker area ~ model size)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

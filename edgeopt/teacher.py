@@ -23,7 +23,9 @@ def train_teacher(dataset: Dataset, cfg: TeacherConfig, seed: int = 0) -> Checkp
         ckpt = onnx_teacher(cfg.onnx, dataset)
         acc = split_accuracy(load_checkpoint(ckpt), dataset, "val")
         log.info("train_teacher: brought ONNX model %s, val acc %.4f", cfg.onnx, acc)
-        return Checkpoint.write(ckpt.path, {**_info(ckpt), "val_accuracy": acc})
+        # train_config: how a structural recipe's KD fine-tune trains its torch conversion (batch size, optimizer ...)
+        return Checkpoint.write(ckpt.path, {**_info(ckpt), "val_accuracy": acc, "data_hash": dataset.data_hash,
+                                            "train_config": cfg.model_dump(mode="json")})
     arch: dict = {"name": cfg.arch, "num_classes": len(dataset.classes), "in_channels": dataset.input_shape[0],
             "width": cfg.width}
     if cfg.checkpoint is not None:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Creates .venv inside the checkout and installs edgeopt with everything it needs (the [dev] test
-# tools and the [kubeflow] compiler that tests/test_kubeflow_compile.py uses, in one resolve).
+# tools, the [kubeflow] compiler that tests/test_kubeflow_compile.py uses and the [team] services of
+# infra/team/ that tests/test_team_stack.py starts, in one resolve).
 # Idempotent: re-running with an unchanged pyproject.toml does nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-EXTRAS=dev,kubeflow
+EXTRAS=dev,kubeflow,team
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -14,6 +14,14 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     chromium chromium-driver >/dev/null
 fi
+# tests/test_team_stack.py and test_zenml_dashboard.py start infra/team/: PostgreSQL from Debian (the
+# ZenML server, S3 clients and moto's S3 server come with the `team` extra, installed by setup.sh)
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  as_root=()
+  [ "$(id -u)" -eq 0 ] || as_root=(sudo)
+  "${as_root[@]}" apt-get update -qq
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
 export ZENML_ANALYTICS_OPT_IN=false
 # lint (with import sorting) and types first: a few seconds, and they name the line
 .venv/bin/ruff check edgeopt edgeopt_zenml run.py tests bench infra examples

@@ -1,41 +1,36 @@
-"""Test set-up: ZenML and MLflow state in a per-session temporary folder, offline, seeded."""
+"""Test set-up: ZenML and MLflow state in a per-session temporary folder, offline, seeded.
+
+The folder is removed when the session passes and kept (its path printed) when it fails; the work
+folders of the artifacts built meanwhile (edgeopt.artifacts.new_workdir) go when the process exits.
+``-m "not slow"`` is the inner loop: everything but the tests that run whole pipelines, start servers
+or spawn interpreters.
+"""
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 _STATE = Path(tempfile.mkdtemp(prefix="edgeopt-tests-"))
 os.environ["ZENML_CONFIG_PATH"] = str(_STATE / "zenml")
 os.environ["EDGEOPT_STATE_DIR"] = str(_STATE / "edgeopt")
 os.environ["ZENML_ANALYTICS_OPT_IN"] = "false"
 os.environ["ZENML_ENABLE_RICH_TRACEBACK"] = "false"
 os.environ["MLFLOW_ENABLE_TELEMETRY"] = "false"
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pytest  # noqa: E402
 
 from edgeopt.config import parse_config  # noqa: E402
+from tests._tiny import TINY  # noqa: E402
 
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "data": {"source": "digits"},
-    "teacher": {"arch": "resnet_small", "width": 8, "epochs": 4, "lr": 0.05},
-    "student": {"arch": "small_cnn", "width": 8, "epochs": 6, "lr": 0.05},
-    "variants": {
-        "bases": ["student"],
-        "shrink": {"prune": {"amounts": [0.5], "finetune_epochs": 2, "lr": 0.02}},
-        "quantization": ["fp32", "int8"],
-        "formats": ["onnx", "openvino"],
-        "runtimes": ["onnxruntime", "openvino"],
-        "quant": {"calibration_samples": 64},
-    },
-    "target": {"warmup": 5, "iterations": 30, "constraints": {"max_accuracy_drop": 10.0, "max_size_mb": 1.0}},
-    "registry": {"name": "tiny-model"},
-    "tracking": {"experiment": "tiny"},
-}
+
+def pytest_sessionfinish(session, exitstatus):
+    if exitstatus == 0:
+        shutil.rmtree(_STATE, ignore_errors=True)
+    else:
+        print(f"\nedgeopt test state kept for inspection: {_STATE}")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 names, opsets 13-21, logits or probabilities), refused in one line when edgeopt cannot take it;
 a brought torch checkpoint as a base for structural techniques; a technique registered from outside."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -12,21 +13,24 @@ import pytest
 import torch
 import yaml
 from onnx import TensorProto, helper
+from safetensors.torch import save_file
 from torch import nn
 
 from edgeopt import formats
 from edgeopt.artifacts import Checkpoint
 from edgeopt.config import parse_config
 from edgeopt.export import export_checkpoint
-from edgeopt.models import load_checkpoint
+from edgeopt.models import build_model, load_checkpoint
 from edgeopt.plan import variant_plan
-from edgeopt.pretrained import PretrainedError, inspect_onnx, onnx_teacher
+from edgeopt.pretrained import PretrainedError, inspect_onnx, load_state_dict_teacher, onnx_teacher, torch_from_onnx
 from edgeopt.runtimes import make_predictor
 from edgeopt.shrink import shrink_base
 from edgeopt.techniques import REGISTRY, Applied, Technique, TechniqueOptions
 from edgeopt.techniques.prune import PruneOptions
 from edgeopt.training import accuracy
-from tests.conftest import ROOT, TINY
+from tests._tiny import ROOT, TINY
+
+pytestmark = pytest.mark.slow  # trains, converts and fine-tunes models (README: the inner loop skips them)
 
 SHAPE = [1, 8, 8]
 
@@ -134,6 +138,7 @@ def test_what_edgeopt_cannot_take_is_refused_in_one_line(case, tmp_path):
     assert msg.startswith(str(path)) and "\n" not in msg and expect in msg, msg
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_bad_brought_model_before_any_work(tmp_path):
     bad = _pool_model(tmp_path / "nhwc.onnx", [1, 8, 8, 1], [1, 8])
     raw = {**TINY, "teacher": {"onnx": str(bad)}, "variants": {**TINY["variants"], "bases": ["teacher"], "shrink": {}}}
@@ -146,16 +151,96 @@ def test_cli_refuses_a_bad_brought_model_before_any_work(tmp_path):
                                                 f"(NHWC): edgeopt feeds NCHW; re-export with the channels first"]
 
 
-def test_plan_names_bases_and_skips_structure_for_an_onnx_teacher(prob_onnx):
+def test_plan_gives_an_onnx_teacher_structural_variants_of_its_torch_conversion(prob_onnx):
     raw = {**TINY, "teacher": {"onnx": str(prob_onnx)},
            "variants": {**TINY["variants"], "bases": ["teacher", "student"]}}
     plan = variant_plan(parse_config(raw, "cfg"))
     names = plan.names()
     assert "teacher-int8-onnx@onnxruntime" in names and "teacher-int8-openvino@openvino" in names
-    assert "student-p50-int8-onnx@onnxruntime" in names and not any(n.startswith("teacher-p50") for n in names)
+    assert "student-p50-int8-onnx@onnxruntime" in names and "teacher-p50-int8-openvino@openvino" in names
     assert plan.reference_name == "teacher-fp32-onnx@onnxruntime"
-    assert any("skip the teacher: it is an ONNX model" in n for n in plan.notes)
+    assert plan.notes == ["structural techniques (prune) shrink the teacher's torch conversion (onnx2torch), "
+                          "checked against prob.onnx on validation images first"]
     assert len(names) == len(set(names))
+
+
+def test_an_onnx_model_converts_to_torch_with_the_files_outputs(prob_onnx, teacher_net, digits):
+    """Fixed batch 1, a softmax inside: the conversion runs 16 images at once and gives the logits."""
+    converted = torch_from_onnx(prob_onnx, digits, "probabilities")
+    assert converted.images == 16 and converted.max_abs_diff < 1e-5
+    x = digits.split("test")[0][:40]
+    with torch.inference_mode():
+        np.testing.assert_allclose(converted.model(torch.from_numpy(x)).numpy(), _logits(teacher_net, x), atol=1e-4)
+    assert not any(n.op_type == "Softmax" for n in onnx.load(str(converted.graph)).graph.node)
+
+
+def _row_mixing_model(path):
+    """A fixed-batch-1 classifier whose output adds the batch mean of its logits: one row at a time
+    (ONNX Runtime) it doubles them, 16 rows at once (torch) it does not."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [64, 10], np.random.default_rng(0).normal(size=640).tolist())
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["z"]),
+             helper.make_node("ReduceMean", ["z"], ["m"], axes=[0], keepdims=1), helper.make_node("Add", ["z", "m"], ["y"])]
+    g = helper.make_graph(nodes, "g", [_vi("x", [1, 1, 8, 8])], [_vi("y", [1, 10])], initializer=[w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+def _batch_one_reshape_model(path):
+    """A classifier exported with its batch of 1 written into a Reshape: it cannot run 16 rows at once."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [64, 10], np.random.default_rng(0).normal(size=640).tolist())
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 64])
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])]
+    g = helper.make_graph(nodes, "g", [_vi("x", [1, 1, 8, 8])], [_vi("y", [1, 10])], initializer=[w, shape])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize("build, expect", [
+    (_row_mixing_model, r"its torch conversion differs from the file by \d\.\d\de[+-]\d\d \(> 1e-03\) in the outputs of "
+                        r"16 validation images; structural recipes are refused"),
+    (_batch_one_reshape_model, r"its torch conversion cannot run a batch of 16 images \(RuntimeError: shape"),
+], ids=["outputs_differ", "batch_fixed_in_graph"])
+def test_a_conversion_that_does_not_match_is_refused_in_one_line(build, expect, digits, tmp_path):
+    path = build(tmp_path / "model.onnx")
+    with pytest.raises(PretrainedError) as err:
+        torch_from_onnx(path, digits)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and "\n" not in msg and re.search(expect, msg), msg
+    teacher = onnx_teacher(path, digits)  # as a base of the pipeline: its structural variants are not built
+    shrunk = shrink_base(teacher, teacher, digits, "prune", 0.5, PruneOptions(amounts=[0.5]))
+    assert shrunk.manifest["learned"] is False and shrunk.manifest["reason"] == msg
+    art = export_checkpoint(shrunk, "onnx", digits, "teacher-p50-fp32-onnx")
+    assert art.failed and f"skipped: {msg}" in art.manifest["reason"]
+
+
+@pytest.mark.slow
+def test_an_onnx_teacher_is_pruned_and_fine_tuned_through_the_pipeline(prob_onnx, tiny_raw, state_dir):
+    """The brought fixed-batch ONNX classifier (softmax inside) is converted, checked, pruned to half
+    its channels and KD fine-tuned from itself, then exported and measured against itself."""
+    from edgeopt_zenml.pipelines.runner import run_pipeline
+
+    raw = {**tiny_raw, "name": "tiny-converted",
+           "teacher": {"onnx": str(prob_onnx), "optimizer": "adamw", "weight_decay": 0.0001},
+           "variants": {**tiny_raw["variants"], "bases": ["teacher"], "quantization": ["fp32"], "formats": ["onnx"],
+                        "runtimes": ["onnxruntime"],
+                        "shrink": {"prune": {"amounts": [0.5], "finetune_steps": 60, "lr": 0.003}}},
+           "target": {**tiny_raw["target"], "constraints": {"max_accuracy_drop": 20.0}},
+           "registry": {"name": "tiny-converted"},
+           "tracking": {"uri": f"sqlite:///{state_dir / 'mlflow-converted.db'}", "experiment": "tiny-converted"},
+           "deploy": {"root": str(state_dir / "deploy-converted"), "keep": 2}}
+    out = run_pipeline(parse_config(raw), run_name="tiny-converted")
+    ev = out["evaluation"]
+    assert {r.variant for r in ev.results} == {"teacher-fp32-onnx@onnxruntime", "teacher-p50-fp32-onnx@onnxruntime"}
+    assert all(r.ok for r in ev.results), [r.reason for r in ev.results if not r.ok]
+    pruned = ev.result("teacher-p50-fp32-onnx@onnxruntime")
+    assert pruned.lineage["base"] == "teacher" and pruned.recipe["shrink"] == "p50"
+    m = pruned.metrics
+    assert m["params"] < 0.3 * ev.reference.params and m["size_mb"] < 0.7 * ev.reference.size_mb, m
+    assert m["accuracy"] > 0.8, m  # 10 classes: chance is 0.1; the brought model has 0.98
 
 
 def test_brought_torch_checkpoint_is_pruned_and_fine_tuned_from_itself(teacher_ckpt, digits):
@@ -206,3 +291,55 @@ def test_a_new_technique_registers_without_editing_edgeopt(student_ckpt, teacher
         assert not export_checkpoint(ckpt, "onnx", digits, "student-hs50-fp32-onnx").failed
     finally:
         REGISTRY.pop("headsparse", None)
+
+
+ARCH = {"name": "small_cnn", "num_classes": 10, "in_channels": 1, "width": 8}
+
+
+def test_a_safetensors_checkpoint_that_does_not_load_names_the_file(tmp_path):
+    bad = tmp_path / "teacher.safetensors"
+    bad.write_bytes(np.random.default_rng(0).bytes(100))
+    with pytest.raises(PretrainedError) as err:
+        load_state_dict_teacher(bad, ARCH, SHAPE)
+    msg = str(err.value)
+    assert msg.startswith(f"{bad}: not a loadable state dict (SafetensorError: ") and "\n" not in msg, msg
+    torch.manual_seed(0)
+    net = build_model(**{k if k != "name" else "arch": v for k, v in ARCH.items()}).eval()
+    good = tmp_path / "ddp.safetensors"  # saved from a DistributedDataParallel wrapper: keys start with module.
+    save_file({f"module.{k}": v.contiguous() for k, v in net.state_dict().items()}, str(good))
+    x = torch.randn(3, *SHAPE)
+    with torch.inference_mode():
+        torch.testing.assert_close(load_state_dict_teacher(good, ARCH, SHAPE)(x), net(x))
+
+
+def test_an_onnx_teacher_with_external_data_is_copied_with_its_data(teacher_net, digits, tmp_path):
+    folder = tmp_path / "user"
+    folder.mkdir()
+    path = _export_legacy(teacher_net, folder / "teacher.onnx")
+    onnx.save(onnx.load(str(path)), str(path), save_as_external_data=True, location="teacher.data", size_threshold=0)
+    assert (folder / "teacher.data").stat().st_size > path.stat().st_size
+    ckpt = onnx_teacher(path, digits)
+    shutil.rmtree(folder)  # the copy must not need the user's folder any more
+    assert set(ckpt.manifest["files"]) == {"model.onnx"}
+    x = digits.split("test")[0][:8]
+    np.testing.assert_allclose(make_predictor("onnxruntime", ckpt.onnx_file).predict_batched(x),
+                               _logits(teacher_net, x), atol=1e-4)
+
+
+def test_what_onnx_runtime_cannot_load_is_refused_in_one_line(digits, tmp_path):
+    """The checker passes (it does not infer shapes); ONNX Runtime refuses to create the session."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [32, 10], [0.0] * 320)  # 32 inputs; a flattened image has 64
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])]
+    g = helper.make_graph(nodes, "g", [_vi("x", [1, 1, 8, 8])], [_vi("y", [1, 10])], initializer=[w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = tmp_path / "mismatch.onnx"
+    onnx.save(m, str(path))
+    inspect_onnx(path, SHAPE, 10)
+    for call, what in ((lambda: onnx_teacher(path, digits), "run it"),
+                       (lambda: torch_from_onnx(path, digits), "optimize it for the torch conversion")):
+        with pytest.raises(PretrainedError) as err:
+            call()
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: ONNX Runtime cannot {what} (Fail: ") and "\n" not in msg, msg
+        assert "Op (MatMul) [ShapeInferenceError]" in msg

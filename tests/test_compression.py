@@ -14,6 +14,8 @@ from edgeopt.shrink import shrink_base
 from edgeopt.techniques.prune import PruneOptions
 from edgeopt.training import accuracy, kd_loss
 
+pytestmark = pytest.mark.slow  # trains, prunes and exports models (README: the inner loop skips them)
+
 
 def test_data_split_is_stratified_seeded_and_hashed(digits, tiny_config):
     from edgeopt.data import load_dataset

@@ -255,3 +255,32 @@ def test_refused_formats_and_sizes_are_never_decoded(tmp_path):
     (tmp_path / "imgs" / "a" / "sneaky.png").write_bytes(eps.read_bytes())
     with pytest.raises(DataError, match=r"a/sneaky.png: not a readable image \(not one of"):
         load_dataset(_cfg(tmp_path / "imgs"), seed=0, cache_dir=tmp_path / "cache")
+
+
+def test_work_folders_go_with_their_run_and_their_process(tmp_path):
+    """A run's work folders are removed when it ends, a process's when it exits, and those of processes
+    killed before their exit hooks when the next one starts: the temp dir does not fill up."""
+    import os
+    import subprocess
+    import sys
+
+    from edgeopt.artifacts import new_workdir, remove_orphaned_workroots, workdir_scope
+
+    with workdir_scope() as scope:
+        made = new_workdir("data")
+        (made / "x.npy").write_bytes(b"0" * 1000)
+        assert made.parent == scope and made.name.startswith("data-")
+    assert not scope.exists() and scope.parent.is_dir()
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    code = "from edgeopt.artifacts import new_workdir; d = new_workdir('m'); (d / 'f').write_text('x'); print(d)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)},
+                         check=True)
+    assert out.stdout.strip().startswith(str(tmp / "edgeopt-")) and not list(tmp.iterdir())
+
+    dead, alive = tmp / "edgeopt-999999999-abc", tmp / f"edgeopt-{os.getpid()}-abc"
+    for d in (dead, alive, tmp / "edgeopt-locks", tmp / "edgeopt-data-old"):
+        d.mkdir()
+    assert remove_orphaned_workroots(tmp) == [dead]
+    assert sorted(p.name for p in tmp.iterdir()) == sorted([alive.name, "edgeopt-locks", "edgeopt-data-old"])

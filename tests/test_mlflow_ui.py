@@ -17,8 +17,11 @@ import urllib.request
 from decimal import Decimal
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 import yaml
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
@@ -26,19 +29,28 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from zenml.client import Client
 
+from edgeopt.artifacts import ModelArtifact
 from edgeopt.config import PROJECT_ROOT
+from edgeopt.tracking import DIGEST_CHARS, VIEW_KEY, VIEW_METRICS
+
+pytestmark = pytest.mark.slow  # CLI pipeline runs, an MLflow server and a browser (README: the inner loop skips them)
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "mlflow-ui"
 RUN_CONFIG = PROJECT_ROOT / "infra" / "kubeflow" / "run_config.yaml"
 ASSISTANT_CLOSE = "//*[normalize-space(text())='MLflow Assistant']/following::button[@aria-label='Close'][1]"
 METRICS = ("accuracy", "accuracy_drop", "latency_p50_ms", "latency_p95_ms", "size_mb", "speedup_vs_reference")
+# what the libraries print when they reach the terminal: the ONNX exporter's passes, NNCF, MLflow, torch
+LIBRARY_CHATTER = ("Skipping constant folding", "No unused functions to remove", "PassManager:", "INFO:nncf",
+                   "Creating initial MLflow database tables", "Downloading artifacts", "No CUDA runtime is found")
 
 
 def _cli(config: dict, path: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python run.py run -c <config> ...` in a fresh process, on this session's ZenML store."""
+    """`python run.py run -c configs/default.yaml -c <config> ...` in a fresh process, on this session's ZenML
+    store: the last -c wins, which infra/ci/retrain.sh relies on (its own -c, then the caller's arguments)."""
     path.write_text(yaml.safe_dump(config))
-    return subprocess.run([sys.executable, str(PROJECT_ROOT / "run.py"), "run", "-c", str(path), *args],
+    default = str(PROJECT_ROOT / "configs" / "default.yaml")
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "run.py"), "run", "-c", default, "-c", str(path), *args],
                           cwd=PROJECT_ROOT, env={**os.environ, "EDGEOPT_TRIGGER": "ci"}, capture_output=True,
                           text=True, timeout=600)
 
@@ -53,7 +65,7 @@ def ci_run(tiny_raw, state_dir):
     proc = _cli(config, state_dir / "tiny-ui.yaml", "--run-name", "tiny-ui-ci", "--require-promotion",
                 "--report-dir", str(report), "--zenml-config", str(RUN_CONFIG))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return {"config": config, "report": report, "stdout": proc.stdout}
+    return {"config": config, "report": report, "stdout": proc.stdout, "stderr": proc.stderr}
 
 
 def test_ci_run_passes_the_gate_and_leaves_the_report(ci_run):
@@ -69,6 +81,58 @@ def test_ci_run_passes_the_gate_and_leaves_the_report(ci_run):
     parent = mlflow.search_runs([mlflow.get_experiment_by_name("tiny-ui").experiment_id],
                                 filter_string="attributes.run_name = 'tiny-ui-ci'")[0]
     assert parent.data.tags["trigger"] == "ci"
+
+
+def test_the_terminal_shows_edgeopts_lines_and_the_run_log_has_everything(ci_run):
+    terminal = ci_run["stdout"] + ci_run["stderr"]
+    assert "track: MLflow run" in terminal and "winner: " in terminal
+    chatter = [line for line in terminal.splitlines() if any(c in line for c in LIBRARY_CHATTER)]
+    assert not chatter, chatter[:10]
+    log = (Path(os.environ["EDGEOPT_STATE_DIR"]) / "logs" / "tiny-ui-ci.log").read_text()
+    assert "edgeopt.tracking: track: MLflow run" in log and "edgeopt.deploy" in log
+
+
+def test_each_variant_is_an_mlflow_logged_model_with_its_metrics_dataset_and_source(ci_run, tmp_path):
+    uri = ci_run["config"]["tracking"]["uri"]
+    mlflow.set_tracking_uri(uri)  # models:/ URIs resolve through the global tracking URI
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tiny-ui")
+    parent = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'tiny-ui-ci'")[0]
+    variants = client.search_runs([experiment.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' AND tags.`edgeopt.role` = 'variant'"))
+    data_hash = parent.data.tags["data_hash"]
+    # the dataset, as every run's input: its name, the data hash as digest, where it comes from
+    for run in [parent, *variants]:
+        (data,) = run.inputs.dataset_inputs
+        assert (data.dataset.name, data.dataset.digest, data.dataset.source_type) == ("digits", data_hash[:DIGEST_CHARS],
+                                                                                      "code")
+        assert "sklearn.datasets.load_digits" in data.dataset.source
+        assert {t.key: t.value for t in data.tags} == {"mlflow.data.context": "test"}
+        # MLflow's source tags: who ran it, from which entry point and commit
+        assert run.data.tags["mlflow.source.name"].endswith("run.py") and run.data.tags["mlflow.user"]
+        assert run.data.tags["mlflow.source.git.commit"] == parent.data.tags["git_commit"].removesuffix("-dirty")
+    models = {m.source_run_id: m for m in client.search_logged_models([experiment.experiment_id])}
+    formats = set()
+    for run in variants:
+        model = models[run.info.run_id]
+        assert (model.name, model.status) == (run.info.run_name, LoggedModelStatus.READY)
+        assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+        # the run's metrics are the model's, measured on the dataset: the Models tab compares them
+        assert {m.key: m.value for m in model.metrics} == run.data.metrics
+        assert {(m.dataset_name, m.dataset_digest) for m in model.metrics} == {("digits", data_hash[:DIGEST_CHARS])}
+        # the model's files are the variant's folder, byte for byte (+ MLflow's flavor files for ONNX)
+        files = ModelArtifact(Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{model.model_id}", dst_path=str(tmp_path / model.model_id))))
+        files.verify()
+        assert files.variant == run.info.run_name.split("@")[0]
+        assert (files.path / "MLmodel").is_file() == (files.format == "onnx"), run.info.run_name
+        formats.add(files.format)
+    assert formats == {"onnx", "openvino"}
+    onnx_model = next(m for m in models.values() if m.name == "student-int8-onnx@onnxruntime")
+    logits = mlflow.pyfunc.load_model(f"models:/{onnx_model.model_id}").predict(np.zeros((2, 1, 8, 8), np.float32))
+    assert np.asarray(next(iter(logits.values())) if isinstance(logits, dict) else logits).shape == (2, 10)
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{VIEW_KEY}"])
+    assert all(f"metrics.`{m}`" in view["selectedColumns"] for m in VIEW_METRICS)
 
 
 def test_quality_gate_fails_with_exit_3_when_no_variant_fits(tiny_raw, state_dir):
@@ -198,6 +262,19 @@ def test_mlflow_ui_shows_every_variant_run_and_its_metrics(ci_run, mlflow_ui, br
     browser.find_element(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']").click()
     _shown(browser, names, "experiment-runs.png")
 
+    # the edgeopt view (MLflow's shared view, set by every run): each pipeline run's variants with the
+    # metrics that decide them, without a click
+    winner = next(r for r in variants if r.data.tags.get("winner") == "true")
+    view = f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey={VIEW_KEY}&{ml_view}"
+    browser.get(view)
+    _shown(browser, [*names, "Group: tiny-ui-ci", *VIEW_METRICS, "pareto",
+                     *(_js(winner.data.metrics[m]) for m in VIEW_METRICS)], "experiment-runs-view.png")
+
+    # the Models tab: each variant's LoggedModel with its metrics on the dataset, the deciding ones first
+    browser.get(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/models?{ml_view}")
+    _shown(browser, [*names, "digits", *VIEW_METRICS, *(_js(winner.data.metrics[m]) for m in VIEW_METRICS)],
+           "models-tab.png")
+
     # the variants side by side, each by its recipe name, with their accuracies
     ids, exps = json.dumps([r.info.run_id for r in variants]), json.dumps([experiment.experiment_id])
     browser.get(f"{mlflow_ui}/#/compare-runs?runs={urllib.parse.quote(ids)}&experiments={urllib.parse.quote(exps)}")
@@ -206,7 +283,6 @@ def test_mlflow_ui_shows_every_variant_run_and_its_metrics(ci_run, mlflow_ui, br
     assert all(_mlflow_metric(r.data.metrics["accuracy"]) in shown for r in variants), shown[:2000]
 
     # the winner's own page: every metric with its value
-    winner = next(r for r in variants if r.data.tags.get("winner") == "true")
     browser.get(f"{mlflow_ui}/#/experiments/{experiment.experiment_id}/runs/{winner.info.run_id}?{ml_view}")
     _shown(browser, [winner.info.run_name, *(f"{m}\n{_js(winner.data.metrics[m])}" for m in METRICS)],
            "winner-run.png")

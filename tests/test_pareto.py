@@ -34,5 +34,10 @@ def test_no_feasible_variant_means_no_winner():
 def test_ties_break_deterministically():
     metrics = {"b": m(0.9, 0.1, 0.2), "a": m(0.9, 0.1, 0.2)}
     assert select(metrics, {}, "latency").winner == "a"
-    metrics = {"x": m(0.9, 0.1, 0.3), "y": m(0.95, 0.1, 0.3)}
-    assert select(metrics, {}, "latency").winner == "y"
+    # both on the front (x smaller, y more accurate) and tied on the objective: the smaller one wins
+    metrics = {"x": m(0.9, 0.1, 0.2), "y": m(0.95, 0.1, 0.3)}
+    sel = select(metrics, {}, "latency")
+    assert set(sel.front) == {"x", "y"} and sel.winner == "x" and "ties on latency with y" in sel.reason
+    # tied on the objective and the size: fewer MACs, whatever the names' order
+    metrics = {"a": {**m(0.9, 0.1, 0.2), "macs": 2e6}, "b": {**m(0.95, 0.1, 0.2), "macs": 1e6}}
+    assert select(metrics, {}, "latency").winner == "b"

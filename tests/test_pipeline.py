@@ -1,5 +1,7 @@
 """End to end on the real local stack: ZenML (SQLite), MLflow (SQLite), ONNX Runtime, OpenVINO."""
 
+import json
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -10,6 +12,8 @@ from edgeopt import deploy as dep
 from edgeopt.config import parse_config
 from edgeopt.plan import variant_plan
 from edgeopt_zenml.pipelines.runner import run_pipeline
+
+pytestmark = pytest.mark.slow  # whole pipeline runs (README: the inner loop skips them)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +67,17 @@ def test_deployed_bundle_matches_the_champion(first_run, tiny_config):
     assert bundle is not None and str(bundle.path) == first_run["bundle"]
     bundle.verify()
     m = bundle.manifest
-    assert m["version"] == first_run["promotion"].version and m["variant"].split("@")[0] in first_run["selection"].winner
-    assert (bundle.path / "labels.json").is_file() and (bundle.path / "runtime.json").is_file()
+    promo = first_run["promotion"]
+    assert m["version"] == promo.version and m["variant"] == first_run["selection"].winner == promo.variant
+    runtime = json.loads((bundle.path / "runtime.json").read_text())
+    assert runtime["runtime"] == promo.runtime and (bundle.path / "labels.json").is_file()
     from edgeopt.data import load_dataset
     from edgeopt.runtimes import make_predictor
 
-    x, y = load_dataset(tiny_config.data, 0).split("test")
-    pred = make_predictor(m["runtime"], bundle.model_file)
+    ds = load_dataset(tiny_config.data, 0)
+    assert m["preprocessing"] == {k: ds.manifest[k] for k in ("input_shape", "mean", "std", "scale")}
+    x, y = ds.split("test")
+    pred = make_predictor(runtime["runtime"], bundle.model_file)
     assert (pred.predict_batched(x).argmax(1) == y).mean() > 0.8
 
 
@@ -80,22 +88,32 @@ def test_rerun_reuses_training_and_a_new_variant_list_does_not_retrain(first_run
     cached = set(again["cached_steps"])
     assert {"train_teacher", "distill_student", "shrink_student_p50", "export_student_onnx",
             "quantize_student_onnx_int8"} <= cached
-    assert {"evaluate", "track", "promote", "deploy"}.isdisjoint(cached)  # measured and recorded every run
+    assert {"load_data", "evaluate", "select", "track", "promote", "deploy"}.isdisjoint(cached)  # every run
     # the champion is re-measured in this run and compared under the rule; kept, deploy folder unmoved
     ev, promo = again["evaluation"], again["promotion"]
     champion = MlflowClient(parse_config(tiny_raw).tracking_uri()).get_model_version_by_alias("tiny-model", "champion")
     assert ev.champion is not None and ev.champion.ok and ev.champion_version == str(champion.version)
     assert not promo.promoted and "champion kept" in promo.reason
     assert any("required 99.0%" in c for c in promo.checks)
-    assert dep.current(parse_config(tiny_raw).deploy_root()).manifest["version"] == str(champion.version)
-    fewer = {**tiny_raw, "variants": {**tiny_raw["variants"], "shrink": {}, "formats": ["onnx"]}}
-    third = run_pipeline(parse_config(fewer), run_name="tiny-fewer")
-    assert {"train_teacher", "distill_student"} <= set(third["cached_steps"])
+    root = parse_config(tiny_raw).deploy_root()
+    bundles = sorted(p.name for p in (root / "versions").iterdir())
+    assert dep.current(root).manifest["version"] == str(champion.version)
+    assert str(dep.current(root).path) == first_run["bundle"]  # deploy was a no-op: the same bundle, none added
+    # one more prune amount: only its own branch is built, everything else comes from the cache
+    more = {**tiny_raw, "promotion": strict["promotion"], "variants": {
+        **tiny_raw["variants"], "formats": ["onnx"], "quantization": ["fp32"],
+        "shrink": {"prune": {**tiny_raw["variants"]["shrink"]["prune"], "amounts": [0.5, 0.25]}}}}
+    third = run_pipeline(parse_config(more), run_name="tiny-more")
+    run = Client().get_pipeline_run("tiny-more")
+    assert run.status == ExecutionStatus.COMPLETED
+    built = {s for s, r in run.steps.items() if r.status == ExecutionStatus.COMPLETED}
+    assert built - {"load_data", "evaluate", "select", "track", "promote", "deploy"} == {
+        "shrink_student_p25", "export_student_p25_onnx"}, built
     assert {r.variant for r in third["evaluation"].results} == {
         "teacher-fp32-onnx@onnxruntime", "student-fp32-onnx@onnxruntime", "student-fp32-onnx@openvino",
-        "student-int8-onnx@onnxruntime", "student-int8-onnx@openvino"}
-    run = Client().get_pipeline_run("tiny-fewer")
-    assert run.status == ExecutionStatus.COMPLETED
+        "student-p50-fp32-onnx@onnxruntime", "student-p50-fp32-onnx@openvino",
+        "student-p25-fp32-onnx@onnxruntime", "student-p25-fp32-onnx@openvino"}
+    assert sorted(p.name for p in (root / "versions").iterdir()) == bundles  # the champion kept, nothing deployed
 
 
 def test_a_brought_fixed_batch_onnx_model_is_a_base_end_to_end(tiny_raw, teacher_ckpt, state_dir):

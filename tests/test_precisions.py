@@ -18,6 +18,8 @@ from edgeopt.precisions.coverage import int8_coverage
 from edgeopt.precisions.nncf_backend import NNCFOptions
 from edgeopt.runtimes import make_predictor
 
+pytestmark = pytest.mark.slow  # trains, exports and quantizes models (README: the inner loop skips them)
+
 SHAPE = [1, 8, 8]
 X86 = ort.cpu()[0] == "x86"
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests._tiny import ROOT
 
 CORE = ROOT / "edgeopt"
 
@@ -49,8 +49,18 @@ def test_no_format_switch_outside_the_format_modules():
     assert not offenders, offenders
 
 
+@pytest.mark.slow  # one interpreter per module, ~50 of them
 @pytest.mark.parametrize("module", sorted(
     ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__") for p in CORE.rglob("*.py")))
 def test_every_core_module_imports_on_its_own(module):
     """Importing any module first (in a fresh interpreter) works: no import cycle hides behind an order."""
     _imports_after(f"import {module}")
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py") if not p.name.startswith("_")))
+def test_every_bench_script_starts(script):
+    """Each benchmark at least parses its options (imports and shared helpers included): a refactor of
+    bench/_common.py that breaks a script shows here, not in the next benchmark run."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and "usage:" in out.stdout, out.stderr[-2000:]

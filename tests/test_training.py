@@ -28,7 +28,9 @@ from edgeopt.training import (
     warmup_cosine,
 )
 from examples.make_shapes import make_shapes
-from tests.conftest import TINY
+from tests._tiny import TINY
+
+pytestmark = pytest.mark.slow  # trains models (README: the inner loop skips them)
 
 
 def _imagefolder(tmp_path_factory, name, per_class, size, grayscale=False):

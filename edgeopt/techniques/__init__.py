@@ -33,6 +33,9 @@ class TechniqueOptions(BaseModel):
         min_length=1, description="One variant per amount (a ratio, an energy, a sparsity: see the technique)."
     )
     finetune_epochs: int = Field(3, ge=0, le=1000, description="KD fine-tune epochs after the change.")
+    finetune_steps: Optional[int] = Field(
+        None, ge=1, le=10_000_000, description="KD fine-tune optimizer steps (instead of finetune_epochs).",
+    )
     lr: float = Field(0.005, gt=0, le=10, description="Fine-tune learning rate.")
 
     @field_validator("amounts")

@@ -6,6 +6,7 @@ Kubeflow as parallel branches as well as it runs on the local orchestrator."""
 from zenml import pipeline
 
 from edgeopt.config import RunConfig
+from edgeopt.evaluation import target_aliases
 from edgeopt.plan import variant_plan
 from edgeopt.pretrained import file_sha256
 from edgeopt_zenml.steps import (
@@ -21,6 +22,7 @@ from edgeopt_zenml.steps import (
     track,
     train_teacher,
 )
+from edgeopt_zenml.steps.targets import track_targets
 
 
 @pipeline
@@ -40,7 +42,7 @@ def compress(config: dict) -> None:
     checkpoints = {
         s.key: bases[s.base] if s.technique is None else shrink(
             bases[s.base], teacher, dataset, technique=s.technique, amount=s.amount,
-            options=v.shrink[s.technique].model_dump(mode="json"), seed=cfg.seed, id=s.step_id,
+            options={**v.shrink[s.technique].model_dump(mode="json"), "amounts": [s.amount]}, seed=cfg.seed, id=s.step_id,
         )
         for s in plan.shrinks
     }
@@ -57,14 +59,18 @@ def compress(config: dict) -> None:
     uri = cfg.tracking_uri()
     evaluation = evaluate(models, dataset, evaluations=plan.evaluations(), reference=plan.reference_name,
                           target=cfg.target.model_dump(mode="json"), tracking_uri=uri,
-                          registered_model=cfg.registry.name, alias=cfg.registry.alias)
-    selection, decision, report, plot = select(
+                          registered_model=cfg.registry.name, alias=cfg.registry.alias,
+                          targets=[t.model_dump(mode="json") for t in cfg.targets] or None)
+    selection, decision, report, plot, target_selections = select(
         evaluation, constraints=cfg.target.constraints.model_dump(mode="json"), objective=cfg.selection.objective,
         promotion=cfg.promotion.model_dump(mode="json"),
+        aliases=target_aliases(cfg.registry.alias, cfg.targets) or None,
     )
     runs = track(evaluation, selection, decision, report, plot, models, dataset, config=config, tracking_uri=uri,
                  experiment=cfg.tracking.experiment)
     promotion = promote(evaluation, selection, decision, runs, tracking_uri=uri,
                         registered_model=cfg.registry.name, alias=cfg.registry.alias)
-    deploy(promotion, dataset, tracking_uri=uri, registered_model=cfg.registry.name, alias=cfg.registry.alias,
+    if cfg.targets:  # per-device metrics; the other devices' winners to their own aliases
+        track_targets(evaluation, target_selections, runs, tracking_uri=uri, registered_model=cfg.registry.name)
+    deploy(promotion, tracking_uri=uri, registered_model=cfg.registry.name, alias=cfg.registry.alias,
            root=str(cfg.deploy_root()), keep=cfg.deploy.keep)

@@ -1,12 +1,12 @@
 import tempfile
 from pathlib import Path
-from typing import Annotated, Dict, List
+from typing import Annotated, Dict, List, Optional
 
 from zenml import step
 
 from edgeopt.artifacts import Dataset, ModelArtifact
-from edgeopt.config import TargetConfig
-from edgeopt.evaluation import Evaluation, evaluate_variants
+from edgeopt.config import DeviceTargetConfig, TargetConfig
+from edgeopt.evaluation import Evaluation, evaluate_on_targets, evaluate_variants, target_aliases
 from edgeopt.tracking import fetch_champion
 from edgeopt_zenml.materializers import EvaluationMaterializer
 
@@ -14,10 +14,19 @@ from edgeopt_zenml.materializers import EvaluationMaterializer
 @step(enable_cache=False, output_materializers=EvaluationMaterializer)
 def evaluate(
     models: List[ModelArtifact], dataset: Dataset, evaluations: Dict[str, List[str]], reference: str, target: dict,
-    tracking_uri: str, registered_model: str, alias: str,
+    tracking_uri: str, registered_model: str, alias: str, targets: Optional[List[dict]] = None,
 ) -> Annotated[Evaluation, "evaluation"]:
-    """Measure every variant, the reference and the current champion in this one process: never
-    cached, so latencies are always same-run comparisons."""
+    """Measure every variant, the reference and the current champion in this one process, or, with
+    ``targets``, on each target device through its agent (each with its own champion): never cached,
+    so latencies are always same-run comparisons."""
+    t = TargetConfig.model_validate(target)
     with tempfile.TemporaryDirectory() as tmp:
-        champion = fetch_champion(tracking_uri, registered_model, alias, Path(tmp))
-        return evaluate_variants(models, evaluations, dataset, reference, TargetConfig.model_validate(target), champion)
+        if not targets:
+            champion = fetch_champion(tracking_uri, registered_model, alias, Path(tmp))
+            return evaluate_variants(models, evaluations, dataset, reference, t, champion)
+        devices = [DeviceTargetConfig.model_validate(d) for d in targets]
+        champions = {}
+        for label, a in target_aliases(alias, devices).items():
+            (Path(tmp) / label).mkdir()
+            champions[label] = fetch_champion(tracking_uri, registered_model, a, Path(tmp) / label)
+        return evaluate_on_targets(models, evaluations, dataset, reference, t, devices, champions)

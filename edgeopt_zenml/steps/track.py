@@ -18,8 +18,9 @@ def track(
     pareto_plot: PlotImage,
     models: List[ModelArtifact], dataset: Dataset, config: dict, tracking_uri: str, experiment: str,
 ) -> Annotated[TrackedRuns, "mlflow_runs"]:
-    """Log the run to MLflow: a parent run and one nested run per variant. Always runs, so a
-    cached pipeline run is still recorded whole."""
+    """Log the run to MLflow: a parent run and one nested run per variant, each variant's model as an
+    MLflow LoggedModel with its metrics, the dataset as every run's input. Always runs, so a cached
+    pipeline run is still recorded whole."""
     ctx = get_step_context()
     tags = {
         **provenance(), "data_hash": dataset.data_hash, "zenml.pipeline": ctx.pipeline.name,
@@ -28,5 +29,5 @@ def track(
     return log_pipeline_run(
         uri=tracking_uri, experiment=experiment, run_name=ctx.pipeline_run.name, config=config,
         evaluation=evaluation, selection=selection, decision=decision, models={m.variant: m for m in models},
-        report_md=str(selection_report), plot_png=pareto_plot.png, tags=tags,
+        dataset=dataset, report_md=str(selection_report), plot_png=pareto_plot.png, tags=tags,
     )
