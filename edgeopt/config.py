@@ -237,11 +237,6 @@ class TeacherConfig(TrainConfig):
     def source(self) -> Optional[Path]:
         return self.checkpoint or self.onnx
 
-    @property
-    def is_torch(self) -> bool:
-        """Structural techniques (pruning, low-rank, sparsity) need a torch model."""
-        return self.onnx is None
-
 
 class KDConfig(_Strict):
     temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature T (Hinton: 4).")
@@ -288,9 +283,11 @@ class VariantsConfig(_Strict):
                     "(the distilled one). The teacher's FP32 ONNX is always measured: it is the reference.",
     )
     shrink: Dict[str, Any] = Field(
-        {}, description="Structural techniques for torch bases, by name (prune, lowrank, sparsity, or any "
-                        "registered in edgeopt.techniques): {amounts: [...], finetune_epochs, lr, and the "
-                        "technique's own options}. Each amount is a variant, KD fine-tuned from the teacher.",
+        {}, description="Structural techniques for every base, by name (prune, lowrank, sparsity, or any "
+                        "registered in edgeopt.techniques): {amounts: [...], finetune_epochs or finetune_steps, "
+                        "lr, and the technique's own options}. Each amount is a variant, KD fine-tuned from the "
+                        "teacher; a brought ONNX teacher is converted to torch first (onnx2torch) and the "
+                        "conversion checked against the file's own outputs.",
     )
     quantization: List[Scheme] = Field(
         ["fp32", "int8"], min_length=1,

@@ -21,6 +21,7 @@ import warnings
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
+from urllib.parse import unquote
 
 import mlflow
 from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -334,6 +335,28 @@ def redact_uri(uri: str) -> str:
         if "@" in netloc:
             rest = "***@" + netloc.rpartition("@")[2] + slash + path
     return _SECRET_QUERY.sub(r"\1***", f"{scheme}{sep}{rest}")
+
+
+# Where the clients read a user name and password when the URI does not carry them: MLflow's HTTP
+# client, and libpq for a PostgreSQL store.
+_CREDENTIAL_ENV = {"http": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+                   "https": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+                   "postgresql": ("PGUSER", "PGPASSWORD")}
+
+
+def split_credentials(uri: str) -> Tuple[str, Dict[str, str]]:
+    """``uri`` without its user-info, and the environment variables that carry it instead, for the
+    schemes whose clients read them (``http://alice:pw@host`` -> ``http://host`` and
+    MLFLOW_TRACKING_USERNAME/PASSWORD): what is passed on as a pipeline parameter then holds no secret."""
+    scheme, sep, rest = uri.partition("://")
+    netloc, slash, path = rest.partition("/")
+    env_names = _CREDENTIAL_ENV.get(scheme.split("+")[0].lower())
+    if not sep or "@" not in netloc or env_names is None:
+        return uri, {}
+    userinfo, _, host = netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    env = {env_names[0]: unquote(user), **({env_names[1]: unquote(password)} if password else {})}
+    return f"{scheme}{sep}{host}{slash}{path}", env
 
 
 def fetch_champion(uri: str, name: str, alias: str, dst: Path) -> Optional[Tuple[ModelArtifact, str, str]]:

@@ -1,12 +1,15 @@
 """Champion vs challenger; deploy identity from the registry alone; rollback that follows the
 history and lasts; the promotion lease; concurrent promotions; SIGKILL during deployment."""
 
+import base64
+import http.server
 import multiprocessing as mp
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -16,7 +19,7 @@ from edgeopt import deploy as dep
 from edgeopt import registry
 from edgeopt.config import PromotionConfig
 from edgeopt.promotion import decide
-from edgeopt.tracking import alias_version, client_for, redact_uri
+from edgeopt.tracking import alias_version, client_for, redact_uri, split_credentials
 from tests._deploy_kit import (
     DATASET,
     LABELS,
@@ -68,6 +71,40 @@ def test_tracking_credentials_are_redacted():
         "postgresql://***@db/mlflow?sslpassword=***&sslmode=require"
     assert redact_uri("sqlite:////home/a@b/mlflow.db") == "sqlite:////home/a@b/mlflow.db"
     assert redact_uri("https://mlflow.example.com") == "https://mlflow.example.com"
+
+
+def test_tracking_credentials_leave_the_uri_for_the_environment_and_still_authenticate(monkeypatch):
+    """The runner passes the URI without user-info to the pipeline (its parameters are stored by ZenML);
+    MLflow's client still sends the credentials, read from the environment."""
+    assert split_credentials("sqlite:////home/a@b/mlflow.db") == ("sqlite:////home/a@b/mlflow.db", {})
+    assert split_credentials("postgresql://u:p%40ss@db:5432/mlflow") == (
+        "postgresql://db:5432/mlflow", {"PGUSER": "u", "PGPASSWORD": "p@ss"})
+    seen = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            seen.append(self.headers.get("Authorization"))
+            body = b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such experiment"}'
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri, env = split_credentials(f"http://alice:s3cret@127.0.0.1:{server.server_port}")
+        assert uri == f"http://127.0.0.1:{server.server_port}" and "alice" not in uri
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert client_for(uri).get_experiment_by_name("x") is None
+    finally:
+        server.shutdown()
+    assert seen and seen[0] == "Basic " + base64.b64encode(b"alice:s3cret").decode()
 
 
 # --------------------------------------------------------------------------- deploy identity, contents

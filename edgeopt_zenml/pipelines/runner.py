@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import traceback
 from pathlib import Path
@@ -18,6 +19,7 @@ from zenml.utils import source_utils
 from edgeopt.artifacts import workdir_scope
 from edgeopt.config import FROM_CHECKOUT, PROJECT_ROOT, RunConfig, state_dir
 from edgeopt.report import variants_table
+from edgeopt.tracking import split_credentials
 from edgeopt_zenml.pipelines.compress import compress
 
 MAX_MESSAGE_CHARS = 400
@@ -118,6 +120,10 @@ def run_pipeline(cfg: RunConfig, *, enable_cache: bool = True, run_name: Optiona
     file it names has every traceback. The steps' work folders are removed when the run ends.
     """
     use_checkout_as_source_root()
+    if cfg.tracking.uri:  # credentials travel in the environment, not in the pipeline's parameters
+        uri, credentials = split_credentials(cfg.tracking.uri)
+        os.environ.update(credentials)
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
     name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     model = Model(name=cfg.registry.name, description="edgeopt: Pareto-best edge model", tags=["edgeopt"])
     p = compress.with_options(run_name=name, enable_cache=enable_cache, model=model, config_path=zenml_config)
