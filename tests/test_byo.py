@@ -108,7 +108,7 @@ def test_torchvision_student_on_grayscale_data():
 
 def test_teacher_source_is_validated_up_front(tmp_path):
     raw = {**TINY, "teacher": {**TINY["teacher"], "checkpoint": str(tmp_path / "missing.pt")}}
-    with pytest.raises(ConfigError, match="teacher: teacher.checkpoint: file not found"):
+    with pytest.raises(ConfigError, match="cfg: teacher.checkpoint: file not found"):
         parse_config(raw, "cfg")
     (tmp_path / "t.bin").write_bytes(b"x")
     raw = {**TINY, "teacher": {**TINY["teacher"], "checkpoint": str(tmp_path / "t.bin")}}
