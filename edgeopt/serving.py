@@ -138,7 +138,8 @@ class LoadedBundle:
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities of a float32 [N,C,H,W] batch (one inference at a time per bundle; in
         chunks the model takes, for a model exported with a fixed batch of one): the softmax of its
-        logits, or its own output for a model that outputs probabilities already."""
+        logits, or its own output for a model that outputs probabilities already, renormalized to sum
+        to one (an INT8 variant's quantized softmax sums to 0.99 or so; a row of zeros is uniform)."""
         with self._lock:
             out = np.asarray(self.predictor.predict_batched(x), dtype=np.float64)
         if not np.isfinite(out).all():
@@ -146,7 +147,9 @@ class LoadedBundle:
             raise HTTPException(500, "the model's output for this input is not finite (NaN or infinity); "
                                      "no answer can be given")
         if self.bundle.manifest.get("output") == "probabilities":
-            return out
+            p = np.clip(out, 0, None)
+            total = p.sum(axis=1, keepdims=True)
+            return np.where(total > 0, p / np.where(total > 0, total, 1), 1 / p.shape[1])
         z = np.exp(out - out.max(axis=1, keepdims=True))
         return z / z.sum(axis=1, keepdims=True)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import boto3
 import httpx2 as httpx
-import mlflow
 import numpy as np
 import pytest
 import yaml
@@ -25,6 +24,7 @@ from sklearn.datasets import load_digits
 
 from bench.serve_load import running_server
 from edgeopt.config import PROJECT_ROOT
+from edgeopt.tracking import download_version
 from infra.team.stack import BUCKET, STACK, ZENML_USER, TeamStack
 
 pytestmark = pytest.mark.slow
@@ -153,16 +153,15 @@ def test_promotion_and_deploy_go_through_the_registry_over_http(stack, host_a, f
     client = MlflowClient(stack.mlflow_uri)
     champion = client.get_model_version_by_alias("team-digits", ALIAS)
     assert champion.version == "1"  # the cached run measured the champion and kept it
-    assert champion.source.startswith(("mlflow-artifacts:/", "models:/")), champion.source  # the server's, over HTTP
+    # the version is the variant's LoggedModel, whose files the server keeps
+    assert champion.source == f"models:/{champion.model_id}", (champion.source, champion.model_id)
     assert f"-> team-digits v1 (alias '{ALIAS}')" in first_runs["first"]
     assert "no promotion: " in first_runs["again"]
     # the host's deployed bundle is that version, its files byte for byte those the registry serves
     deployed = _current_version(host_a.deploy)
     assert (deployed["registered_model"], str(deployed["version"])) == ("team-digits", "1"), deployed
     bundle = (host_a.deploy / "current").resolve()
-    registry_copy = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=champion.source, dst_path=str(host_a.root / "registry-copy"), tracking_uri=stack.mlflow_uri,
-        registry_uri=stack.mlflow_uri))
+    registry_copy = download_version(stack.mlflow_uri, champion, host_a.root / "registry-copy")
     files = json.loads((registry_copy / "manifest.json").read_text())["files"]
     assert files and all((bundle / f).read_bytes() == (registry_copy / f).read_bytes() for f in files), files
     # ... and the MLflow server keeps them in the object store
