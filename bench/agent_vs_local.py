@@ -19,7 +19,7 @@ locals at each ABBA block boundary). The top-1 predictions must agree (same accu
 agent's job time and peak memory are printed.
 
     .venv/bin/python bench/agent_vs_local.py                                  # 4 repetitions x 200 iterations
-    .venv/bin/python bench/agent_vs_local.py --agent-python /tmp/agent-venv/bin/python
+    .venv/bin/python bench/agent_vs_local.py --agent-python ../agent-venv/bin/python
     .venv/bin/python bench/agent_vs_local.py --quick
 """
 

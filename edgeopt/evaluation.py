@@ -190,6 +190,7 @@ def _assemble(sources: Dict[str, Source], champion: Optional[Champion], measured
 
 
 def _settings(target: TargetConfig) -> Dict[str, Any]:
+    """The latency protocol's settings, as measure_models takes them (here and in an agent's job)."""
     return {"threads": target.threads, "batch": target.batch, "warmup": target.warmup,
             "iterations": target.iterations, "time_budget_s": target.time_budget_s}
 
@@ -221,8 +222,7 @@ def evaluate_variants(
     x_lat = np.ascontiguousarray(next(dataset.batches("test", target.batch))[0])
     measured = measure_models(
         {name: (rt, m.model_file) for name, (m, rt) in _runnable(sources, champion).items()},
-        lambda: (x for x, _ in dataset.batches("test", ACCURACY_BATCH)), x_lat, threads=target.threads,
-        batch=target.batch, warmup=target.warmup, iterations=target.iterations, time_budget_s=target.time_budget_s,
+        lambda: (x for x, _ in dataset.batches("test", ACCURACY_BATCH)), x_lat, **_settings(target),
     )
     return _assemble(sources, champion, measured, dataset.labels("test"), reference, target, cpu_fingerprint(), {})
 

@@ -1,6 +1,6 @@
 """Run this project's pipeline on scikit-learn's digits:
 
-    python run.py --state /tmp/own-state        # MLflow store and deploy folder under --state
+    python run.py --state own-state        # MLflow store and deploy folder under --state
 
 It needs edgeopt installed (``pip install edgeopt`` or the wheel), nothing from edgeopt's checkout.
 """
