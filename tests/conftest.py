@@ -71,3 +71,13 @@ def student_ckpt(digits, teacher_ckpt, tiny_config):
     from edgeopt.training import distill_student
 
     return distill_student(digits, teacher_ckpt, tiny_config.student, seed=0)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """The team's servers (infra/team/): PostgreSQL, S3, `mlflow server`, a ZenML server; one set per
+    test module that asks for them."""
+    from infra.team.stack import TeamStack
+
+    with TeamStack(tmp_path_factory.mktemp("team")) as team:
+        yield team

@@ -23,19 +23,16 @@ import pytest
 import yaml
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from zenml.client import Client
 
 from edgeopt.artifacts import ModelArtifact
 from edgeopt.config import PROJECT_ROOT
 from edgeopt.tracking import DIGEST_CHARS, VIEW_KEY, VIEW_METRICS
+from tests._browser import chromium, shown
 
 pytestmark = pytest.mark.slow  # CLI pipeline runs, an MLflow server and a browser (README: the inner loop skips them)
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "mlflow-ui"
 RUN_CONFIG = PROJECT_ROOT / "infra" / "kubeflow" / "run_config.yaml"
 ASSISTANT_CLOSE = "//*[normalize-space(text())='MLflow Assistant']/following::button[@aria-label='Close'][1]"
@@ -184,23 +181,8 @@ def mlflow_ui(ci_run, state_dir):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)}: scripts/test.sh installs chromium and chromium-driver (apt)")
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
-                "--window-size=3000,1400"):
-        options.add_argument(arg)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("SE_OFFLINE", "true")  # Selenium Manager may never fetch a browser or a driver
-        driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    try:
+    with chromium(tmp_path_factory.mktemp("chromium-profile"), "3000,1400") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _js(value: float) -> str:
@@ -221,29 +203,16 @@ def _mlflow_metric(value: float) -> str:
     return _js(math.floor(value * scale + 0.5) / scale)  # Math.round
 
 
+def _close_assistant(driver) -> None:
+    """The MLflow Assistant panel takes a third of the width, and the comparison table only draws the
+    run columns that fit."""
+    for close in driver.find_elements(By.XPATH, ASSISTANT_CLOSE):
+        close.click()
+
+
 def _shown(driver, expected: list, shot: str = "", scroll_to: str = "") -> str:
-    """Wait until every expected string is shown on the page; save a screenshot (scrolled to the
-    heading scroll_to) when shot names one; return the text shown."""
-    body = driver.find_element(By.TAG_NAME, "body")
-    missing, deadline = expected, time.monotonic() + 90
-    try:
-        while missing and time.monotonic() < deadline:
-            time.sleep(2)
-            # the MLflow Assistant panel takes a third of the width, and the comparison table only
-            # draws the run columns that fit
-            for close in driver.find_elements(By.XPATH, ASSISTANT_CLOSE):
-                close.click()
-            text = body.text
-            missing = [e for e in expected if e not in text]
-        if scroll_to and not missing:
-            driver.execute_script("arguments[0].scrollIntoView()",
-                                  driver.find_element(By.XPATH, f"//*[normalize-space(text())='{scroll_to}']"))
-    finally:
-        if shot:
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            driver.save_screenshot(str(SCREENSHOTS / shot))
-    assert not missing, f"{driver.current_url} did not show {missing} within 90 s"
-    return text
+    return shown(driver, expected, SCREENSHOTS / shot if shot else None, 90,
+                 each_poll=lambda: _close_assistant(driver), scroll_to=scroll_to)
 
 
 def test_mlflow_ui_shows_every_variant_run_and_its_metrics(ci_run, mlflow_ui, browser):

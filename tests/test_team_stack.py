@@ -100,12 +100,6 @@ class ZenMLApi:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with TeamStack(tmp_path_factory.mktemp("team")) as team:
-        yield team
-
-
-@pytest.fixture(scope="module")
 def host_a(stack, tmp_path_factory):
     return Host(stack, tmp_path_factory.mktemp("host-a"))
 

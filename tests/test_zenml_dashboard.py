@@ -9,30 +9,20 @@ dashboard's login also authorizes.
 
 import json
 import time
-from pathlib import Path
 
 import pytest
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from edgeopt.config import PROJECT_ROOT
-from infra.team.stack import STACK, ZENML_USER, TeamStack
+from infra.team.stack import STACK, ZENML_USER
+from tests._browser import chromium, shown
 from tests.test_team_stack import Host, ZenMLApi, finish, team_config
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "zenml-dashboard"
 RUN = "team-dashboard"
 BRANCHES = ("export_teacher_onnx", "export_student_onnx", "quantize_student_onnx_int8")
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with TeamStack(tmp_path_factory.mktemp("team")) as team:
-        yield team
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +34,11 @@ def run(stack, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(stack, tmp_path_factory):
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)}: scripts/test.sh installs chromium and chromium-driver (apt)")
-    options = Options()
-    options.binary_location = str(CHROMIUM)
     # no WebGL: the login page's shader animation keeps software rendering busy, and a busy machine
     # then never finishes loading a page
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-3d-apis", "--disable-webgl",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}", "--window-size=1800,1300"):
-        options.add_argument(arg)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("SE_OFFLINE", "true")  # Selenium Manager may never fetch a browser or a driver
-        driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(180)
-    try:
+    with chromium(tmp_path_factory.mktemp("chromium-profile"), "1800,1300",
+                  ("--disable-3d-apis", "--disable-webgl")) as driver:
+        driver.set_page_load_timeout(180)
         driver.get(f"{stack.zenml_url}/login")
         _shown(driver, ["Log in to your account"])
         driver.find_element(By.NAME, "username").send_keys(ZENML_USER)
@@ -70,24 +49,10 @@ def browser(stack, tmp_path_factory):
             time.sleep(1)
         assert "/login" not in driver.current_url, "the dashboard did not accept the login within 120 s"
         yield driver
-    finally:
-        driver.quit()
 
 
-def _shown(driver, expected: list, shot: str = "", timeout: float = 120) -> str:
-    """Wait until every expected string is on the page; save a screenshot when shot names one."""
-    missing, deadline = expected, time.monotonic() + timeout
-    try:
-        while missing and time.monotonic() < deadline:
-            time.sleep(2)
-            text = driver.find_element(By.TAG_NAME, "body").text
-            missing = [e for e in expected if e not in text]
-    finally:
-        if shot:
-            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-            driver.save_screenshot(str(SCREENSHOTS / shot))
-    assert not missing, f"{driver.current_url} did not show {missing} within {timeout:.0f} s"
-    return text
+def _shown(driver, expected: list, shot: str = "") -> str:
+    return shown(driver, expected, SCREENSHOTS / shot if shot else None)
 
 
 def test_the_run_list_shows_the_run_on_the_team_stack(stack, run, browser):
