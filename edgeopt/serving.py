@@ -21,7 +21,8 @@ Limits below the app: a request must arrive in full (headers and body) within ``
 seconds of the connection opening or of the previous answer, or the connection is closed (uvicorn
 has no such timeout, so a subclass of its h11 protocol keeps one); uvicorn's ``limit_concurrency``
 caps the connections and requests in flight (503 beyond it); on a loopback bind, Starlette's
-TrustedHostMiddleware answers 400 to a Host header that is not a loopback name (DNS rebinding).
+TrustedHostMiddleware answers 400 to a Host header that is not a loopback name (DNS rebinding), and
+a request whose Origin is another site than its Host gets 403 (a web page posting through a browser).
 """
 
 from __future__ import annotations
@@ -401,6 +402,25 @@ class _BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+class _SameOrigin:
+    """ASGI middleware: refuse (403) a request whose Origin header names another site than its Host.
+    Browsers send Origin with cross-site requests, so a page elsewhere cannot post to the server
+    through a user's browser; programs (curl, httpx, the agent's clients) send none and pass."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            if origin is not None and origin.partition("://")[2].lower() != headers.get("host", "").lower():
+                reason = f"cross-origin request refused (Origin {origin[:100]!r})"
+                await JSONResponse({"detail": reason}, 403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 async def _served(request: Request) -> LoadedBundle:
     """The bundle for this request (a dependency): reading it also notices a redeploy."""
     return request.app.state.store.get()
@@ -425,6 +445,7 @@ def create_app(root: Path, *, token: Optional[str] = None, max_body_bytes: int =
     app = FastAPI(title="edgeopt", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = store
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(_SameOrigin)
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
     slots = anyio.CapacityLimiter(DECODE_SLOTS)

@@ -508,6 +508,13 @@ def test_a_loopback_server_answers_only_loopback_host_names(root):
                 assert r.status_code == 400 and r.text == "Invalid host header", (host, r.text)
 
 
+def test_a_page_on_another_site_cannot_post_through_a_browser(client):
+    assert client.post("/predict", headers={"Origin": "http://testserver"}, **_json(GOOD)).status_code == 200
+    for origin in ("https://attacker.example", "null", "http://testserver.attacker.example", "http://testserver:81"):
+        r = client.post("/predict", headers={"Origin": origin}, **_json(GOOD))
+        assert r.status_code == 403 and r.json()["detail"].startswith("cross-origin request refused"), (origin, r.text)
+
+
 # ------------------------------------------------------------------------------------------ reload
 
 
