@@ -62,13 +62,15 @@ def _accumulate_gradients(model: nn.Module, batches: Sequence[Tuple[torch.Tensor
 
 
 def prune_channels(model: nn.Module, input_shape, num_classes: int, ratio: float, importance: str = "l2", *,
-                   global_pruning: bool = False, iterative_steps: int = 1,
+                   global_pruning: bool = False, iterative_steps: int = 1, round_to: Optional[int] = None,
                    gradient_batches: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None) -> nn.Module:
     """Remove ``ratio`` of the channels of every prunable layer group, in place; returns the model.
 
     ``importance`` is one of l1, l2, taylor, bn_scale, fpgm, random; ``taylor`` needs
     ``gradient_batches`` ((images, labels) tensors), scored again before each of the
-    ``iterative_steps`` steps. ``global_pruning`` ranks channels across all layers.
+    ``iterative_steps`` steps. ``global_pruning`` ranks channels across all layers. ``round_to``
+    keeps a multiple of that many channels in each pruned layer (torch-pruning rounds the count left
+    down, and leaves a layer whole rather than empty).
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"prune ratio must be in [0, 1), got {ratio}")
@@ -84,7 +86,7 @@ def prune_channels(model: nn.Module, input_shape, num_classes: int, ratio: float
     model.eval()  # tracing the graph must not update BatchNorm statistics
     pruner = tp.pruner.MetaPruner(
         model, torch.zeros(1, *input_shape), importance=imp, pruning_ratio=ratio, global_pruning=global_pruning,
-        iterative_steps=iterative_steps, ignored_layers=output_layers(model, num_classes),
+        iterative_steps=iterative_steps, ignored_layers=output_layers(model, num_classes), round_to=round_to,
     )
     before = count_macs_params(model, input_shape)
     for _ in range(iterative_steps):

@@ -11,7 +11,7 @@ from edgeopt.models import count_macs_params, load_checkpoint
 from edgeopt.pruning import IMPORTANCES, output_layers, prune_channels, sparsify
 from edgeopt.shrink import shrink_base
 from edgeopt.techniques.lowrank import LowRankOptions
-from edgeopt.techniques.prune import PruneOptions
+from edgeopt.techniques.prune import Prune, PruneOptions
 from edgeopt.techniques.sparsity import SparsityOptions
 from edgeopt.training import accuracy
 
@@ -43,10 +43,25 @@ def test_every_importance_halves_each_layer_locally_and_ranks_globally(student_c
     assert conv_channels(steps) == conv_channels(local)  # the ratio is reached over the steps
 
 
+def test_round_to_keeps_whole_blocks_of_channels():
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 40, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(40, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, CLASSES)).eval()
+
+    assert conv_channels(prune_channels(net(), SHAPE, CLASSES, 0.2, "l2")) == [19, 32, 6]
+    # rounded down to a multiple of 8; the 8-channel layer would be emptied, so it stays whole
+    assert conv_channels(prune_channels(net(), SHAPE, CLASSES, 0.2, "l2", round_to=8)) == [16, 32, 8]
+    assert PruneOptions(amounts=[0.2]).round_to == 8
+    assert "channels in multiples of 8" in Prune().recipe(0.2, PruneOptions(amounts=[0.2]))
+
+
 def test_taylor_pruning_uses_gradients_then_kd_finetune_recovers(digits, teacher_ckpt, student_ckpt):
     with pytest.raises(ValueError, match="gradient_batches"):
         prune_channels(load_checkpoint(student_ckpt), SHAPE, CLASSES, 0.5, "taylor")
-    cfg = dict(importance="taylor", iterative_steps=2, lr=0.02)
+    # exact ratios: the tiny student's 8-channel layers would stay whole under the default round_to 8
+    cfg = dict(importance="taylor", iterative_steps=2, lr=0.02, round_to=None)
     raw = shrink_base(student_ckpt, teacher_ckpt, digits, "prune", 0.5, PruneOptions(amounts=[0.5], finetune_epochs=0, **cfg))
     tuned = shrink_base(student_ckpt, teacher_ckpt, digits, "prune", 0.5, PruneOptions(amounts=[0.5], finetune_epochs=1, **cfg))
     m = tuned.manifest
