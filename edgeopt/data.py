@@ -78,7 +78,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0, *, cache_dir: Optional[Path] = 
     if cfg.mean is not None and len(cfg.mean) != channels:
         raise DataError(f"data.mean has {len(cfg.mean)} values, the images have {channels} channel(s)")
     if cfg.source == "digits":
-        pixels, y, classes, data_hash = _load_digits()
+        pixels, y, classes, data_hash = _load_digits(cfg.image_size)
         parts = _random_split(y, cfg, seed, [f"digits class {c!r}" for c in classes], "digits")
         take: Take = pixels.__getitem__
         shape, scale, decoded, layout = pixels.shape[1:], 16.0, 0, "random"
@@ -172,12 +172,16 @@ def _check_header(path: Path) -> None:
         raise DataError(f"{path}: not a readable image ({type(err).__name__}{': ' if reason else ''}{reason})") from None
 
 
-def _load_digits() -> Tuple[np.ndarray, np.ndarray, List[str], str]:
-    """Digits as uint8: their values are 0..16, stored exactly and divided by 16 (``scale``) as before."""
+def _load_digits(size: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, np.ndarray, List[str], str]:
+    """Digits as uint8: their values are 0..16, stored exactly and divided by 16 (``scale``) as before;
+    resized (bilinear, values still 0..16) when ``size`` [height, width] is given."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = d.images.astype(np.uint8)[:, None, :, :]
+    images = d.images.astype(np.uint8)
+    if size is not None and tuple(size) != images.shape[1:]:
+        images = np.stack([np.asarray(Image.fromarray(im).resize((size[1], size[0]), Image.BILINEAR)) for im in images])
+    x = images[:, None, :, :]
     y = d.target.astype(np.int64)
     return x, y, [str(c) for c in d.target_names], hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
 

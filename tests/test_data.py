@@ -73,6 +73,12 @@ def test_sample_is_seeded_and_without_replacement(shapes_ds):
     assert np.array_equal(a, x[np.sort(np.random.default_rng(1).permutation(len(x))[:10])])
 
 
+def test_digits_resize_to_image_size(tmp_path):
+    big = load_dataset(DataConfig(source="digits", image_size=(32, 24)), seed=0, cache_dir=tmp_path)
+    assert big.input_shape == [1, 32, 24] and big.raw("train").max() <= 16 and big.scale == 16.0
+    assert big.data_hash != load_dataset(DataConfig(source="digits"), seed=0, cache_dir=tmp_path).data_hash
+
+
 def test_digits_keep_their_exact_values(digits):
     raw = digits.raw("train")
     assert raw.dtype == np.uint8 and raw.max() == 16 and digits.scale == 16.0
