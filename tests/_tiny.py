@@ -13,7 +13,8 @@ TINY = {
     "student": {"arch": "small_cnn", "width": 8, "epochs": 6, "lr": 0.05},
     "variants": {
         "bases": ["student"],
-        "shrink": {"prune": {"amounts": [0.5], "finetune_epochs": 2, "lr": 0.02}},
+        # round_to null: exact ratios (under the default 8, these width-8 nets' 8-channel layers stay whole)
+        "shrink": {"prune": {"amounts": [0.5], "finetune_epochs": 2, "lr": 0.02, "round_to": None}},
         "quantization": ["fp32", "int8"],
         "formats": ["onnx", "openvino"],
         "runtimes": ["onnxruntime", "openvino"],

@@ -227,7 +227,7 @@ def test_an_onnx_teacher_is_pruned_and_fine_tuned_through_the_pipeline(prob_onnx
            "teacher": {"onnx": str(prob_onnx), "optimizer": "adamw", "weight_decay": 0.0001},
            "variants": {**tiny_raw["variants"], "bases": ["teacher"], "quantization": ["fp32"], "formats": ["onnx"],
                         "runtimes": ["onnxruntime"],
-                        "shrink": {"prune": {"amounts": [0.5], "finetune_steps": 60, "lr": 0.003}}},
+                        "shrink": {"prune": {"amounts": [0.5], "finetune_steps": 60, "lr": 0.003, "round_to": None}}},
            "target": {**tiny_raw["target"], "constraints": {"max_accuracy_drop": 20.0}},
            "registry": {"name": "tiny-converted"},
            "tracking": {"uri": f"sqlite:///{state_dir / 'mlflow-converted.db'}", "experiment": "tiny-converted"},
@@ -245,7 +245,7 @@ def test_an_onnx_teacher_is_pruned_and_fine_tuned_through_the_pipeline(prob_onnx
 
 def test_brought_torch_checkpoint_is_pruned_and_fine_tuned_from_itself(teacher_ckpt, digits):
     pruned = shrink_base(teacher_ckpt, teacher_ckpt, digits, "prune", 0.5,
-                         PruneOptions(amounts=[0.5], finetune_epochs=2, lr=0.02))
+                         PruneOptions(amounts=[0.5], finetune_epochs=2, lr=0.02, round_to=None))
     m = pruned.manifest
     assert m["base"] == "teacher" and m["lineage"]["teacher"] == teacher_ckpt.content_hash[:12]
     assert m["macs"] < 0.5 * m["macs_before"]
