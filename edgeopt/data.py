@@ -178,10 +178,10 @@ def _load_digits(size: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, np
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    images = d.images.astype(np.uint8)
-    if size is not None and tuple(size) != images.shape[1:]:
-        images = np.stack([np.asarray(Image.fromarray(im).resize((size[1], size[0]), Image.Resampling.BILINEAR)) for im in images])
-    x = images[:, None, :, :]
+    pixels = d.images.astype(np.uint8)
+    if size is not None:
+        pixels = np.stack([np.asarray(images.resize(Image.fromarray(im), size)) for im in pixels])
+    x = pixels[:, None, :, :]
     y = d.target.astype(np.int64)
     return x, y, [str(c) for c in d.target_names], hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
 

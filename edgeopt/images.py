@@ -57,6 +57,14 @@ def image_pixels(source: Union[Path, bytes], *, max_pixels: int = MAX_PIXELS, na
         return im.width * im.height
 
 
+def resize(im: Image.Image, size: Optional[Tuple[int, int]]) -> Image.Image:
+    """``im`` at ``size`` (height, width), bilinear; unchanged when ``size`` is None or already its size.
+    Training's loader, the digits and the server all resize through here."""
+    if size is None or im.size == (size[1], size[0]):
+        return im
+    return im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+
+
 def decode_image(
     source: Union[Path, bytes],
     size: Optional[Tuple[int, int]] = None,
@@ -78,10 +86,7 @@ def decode_image(
     with _opened(source, max_pixels, label) as im:
         try:
             upright = ImageOps.exif_transpose(im)
-            converted = _to_8bit(upright).convert(mode)
-            if size is not None and converted.size != (size[1], size[0]):
-                converted = converted.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.array(converted, dtype=np.uint8)
+            return np.array(resize(_to_8bit(upright).convert(mode), size), dtype=np.uint8)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # a frame beyond the header's size
             raise ImageTooLarge(f"{label}: image larger than {max_pixels} pixels") from None
         except Exception as err:  # noqa: BLE001 - decoding untrusted bytes: any failure means "not an image"
