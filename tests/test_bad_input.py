@@ -12,6 +12,7 @@ import http.server
 import os
 import pickle
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -149,10 +150,10 @@ def test_config_paths_that_are_not_files(tmp_path):
     ("data.image_size", [32], "data.image_size.1: Field required"),
     ("data.mean", [0.5], "data.mean and data.std go together: set both or neither"),
     ("data.source", "imagenet", "data.source: Input should be 'digits' or 'imagefolder' (got 'imagenet')"),
-    ("tracking.experiment", "../../../tmp/escape", "tracking.experiment: String should match pattern "
-                                                   "'^[A-Za-z0-9][A-Za-z0-9 _.-]*$' (got '../../../tmp/escape')"),
-    ("tracking.experiment", "/tmp/escape", "tracking.experiment: String should match pattern "
-                                           "'^[A-Za-z0-9][A-Za-z0-9 _.-]*$' (got '/tmp/escape')"),
+    ("tracking.experiment", "../../../escape", "tracking.experiment: String should match pattern "
+                                               "'^[A-Za-z0-9][A-Za-z0-9 _.-]*$' (got '../../../escape')"),
+    ("tracking.experiment", "/escape", "tracking.experiment: String should match pattern "
+                                       "'^[A-Za-z0-9][A-Za-z0-9 _.-]*$' (got '/escape')"),
     ("tracking.uri", "sqlite:///mlflow.db", "tracking.uri: a relative SQLite path depends on the working directory; "
                                             "write it absolute (sqlite:////abs/path/mlflow.db) or leave tracking.uri "
                                             "unset (got 'sqlite:///mlflow.db')"),
@@ -378,8 +379,13 @@ def test_brought_onnx_models_are_refused_up_front(tmp_path, case, expected):
 
 
 class _Payload:
+    """Unpickled, it would run a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("touch /tmp/edgeopt-pwned",))
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
 
 
 def test_brought_state_dicts_are_loaded_up_front(tmp_path):
@@ -390,7 +396,8 @@ def test_brought_state_dicts_are_loaded_up_front(tmp_path):
     raw = base_config(tmp_path)
     cases = []
     pickled = tmp_path / "payload.pt"
-    pickled.write_bytes(pickle.dumps({"w": _Payload()}))
+    pwned = tmp_path / "pwned"
+    pickled.write_bytes(pickle.dumps({"w": _Payload(pwned)}))
     cases.append((pickled, re.compile(rf"{re.escape(str(pickled))}: not a loadable state dict \(UnpicklingError: .+\)")))
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(os.urandom(100))
@@ -405,7 +412,7 @@ def test_brought_state_dicts_are_loaded_up_front(tmp_path):
     for path, expected in cases:
         raw["teacher"] = {"arch": "small_cnn", "width": 4, "checkpoint": str(path)}
         assert_refused(cli_in_process("validate", "-c", str(write(tmp_path, raw))), expected)
-    assert not Path("/tmp/edgeopt-pwned").exists()
+    assert not pwned.exists()
 
     raw["teacher"] = {"arch": "small_cnn", "width": 4, "epochs": 1}
     raw["student"] = {"arch": "small_cnn", "width": 4, "checkpoint": str(other)}

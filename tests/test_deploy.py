@@ -79,9 +79,9 @@ def test_verify_covers_every_file_and_refuses_names_outside_the_bundle(tmp_path)
     manifest = json.loads((b.path / "manifest.json").read_text())
     for files, model_file, words in [
         ({}, "model.onnx", "lists no files"),
-        ({"../../../../etc/hostname": {"sha256": "0" * 64, "bytes": 1}}, "model.onnx", "outside the bundle"),
-        ({"/etc/hostname": {"sha256": "0" * 64, "bytes": 1}}, "model.onnx", "outside the bundle"),
-        ({**manifest["files"]}, "/tmp/other.onnx", "is not listed"),
+        ({"../../../../outside/hostname": {"sha256": "0" * 64, "bytes": 1}}, "model.onnx", "outside the bundle"),
+        ({str(tmp_path / "hostname"): {"sha256": "0" * 64, "bytes": 1}}, "model.onnx", "outside the bundle"),
+        ({**manifest["files"]}, str(tmp_path / "other.onnx"), "is not listed"),
         ({k: v for k, v in manifest["files"].items() if k != "labels.json"}, "model.onnx", "labels.json is not listed"),
     ]:
         (b.path / "manifest.json").write_text(json.dumps({**manifest, "files": files, "model_file": model_file}))
