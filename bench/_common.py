@@ -71,7 +71,7 @@ def run_isolated(args: argparse.Namespace, prefix: str, compare) -> int:
 
 def pipeline_config(raw: Dict[str, Any], state: Path, tag: str, source: str):
     """``raw`` with tracking.uri (SQLite), deploy.root and registry.name redirected into ``state``."""
-    from edgeopt.config import parse_config
+    from edgeopt.plan import parse_config
 
     return parse_config({
         **raw,

@@ -6,8 +6,8 @@ quantized to INT8 with the pipeline's own functions, giving four (model, runtime
 FP32 ONNX on ONNX Runtime (the reference) and on OpenVINO, FP32 IR on OpenVINO, INT8 ONNX on ONNX
 Runtime. They are measured
 
-  local:  edgeopt.evaluation.evaluate_variants, in this process (what `evaluate` runs without targets);
-  agent:  edgeopt.evaluation.evaluate_on_device, through an agent started on 127.0.0.1
+  local:  edgeopt.measure.evaluate.evaluate_variants, in this process (what `evaluate` runs without targets);
+  agent:  edgeopt.measure.evaluate.evaluate_on_device, through an agent started on 127.0.0.1
           (python -m edgeopt.agent, from --agent-python: e.g. a venv with only
           infra/agent/requirements.txt), which runs the same protocol in a job process of its own,
 
@@ -65,10 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args, state: Path):
     from edgeopt.config import DataConfig, QuantConfig, TeacherConfig
-    from edgeopt.data import load_dataset
-    from edgeopt.export import export_checkpoint
+    from edgeopt.data.load import load_dataset
+    from edgeopt.formats.export import export_checkpoint
     from edgeopt.precisions import quantize_model
-    from edgeopt.teacher import train_teacher
+    from edgeopt.train.teacher import train_teacher
 
     ds = load_dataset(DataConfig(source="digits", image_size=(args.image_size, args.image_size)), seed=0,
                       cache_dir=state / "cache")
@@ -101,9 +101,9 @@ def start_agent(python: Path, state: Path):
 
 
 def compare(args, state: Path) -> int:
-    from edgeopt.benchmark import cpu_fingerprint
     from edgeopt.config import DeviceTargetConfig, TargetConfig
-    from edgeopt.evaluation import evaluate_on_device, evaluate_variants
+    from edgeopt.measure.evaluate import evaluate_on_device, evaluate_variants
+    from edgeopt.measure.latency import cpu_fingerprint
 
     print(fingerprint_line(cpu_fingerprint()))
     print(load_line("before"))

@@ -20,7 +20,7 @@ loop, with the brought model in FP32 and with what a user gets by hand from ONNX
    --use-deployed skips it too but measures the bundle an earlier run deployed); the promoted model is
    the one in the config's deploy root (``current/manifest.json``).
 3. One process, one input, the target's thread count, edgeopt's latency protocol
-   (edgeopt.benchmark.measure, interleaved, --repeats times): the brought model FP32 on ONNX Runtime
+   (edgeopt.measure.latency.measure, interleaved, --repeats times): the brought model FP32 on ONNX Runtime
    (the reference), the same model as FP32 OpenVINO IR (for the NNCF row), the promoted model, and the
    by-hand baselines:
    - ORT by hand: quant_pre_process, then quantize_static QDQ, uint8 activations, int8 per-channel
@@ -411,7 +411,7 @@ def main(argv=None) -> int:
     quiet()
     import yaml
 
-    from edgeopt.benchmark import cpu_fingerprint, measure
+    from edgeopt.measure.latency import cpu_fingerprint, measure
 
     raw = yaml.safe_load(args.config.read_text())
     target = raw.get("target") or {}
@@ -487,7 +487,7 @@ def main(argv=None) -> int:
     print(f"\nbrought model: {meta['arch']} with ImageNet weights from {meta['weights_package']}, head fine-tuned on "
           f"{len(classes)} classes ({', '.join(classes)}); {N_TRAIN} train / {N_VAL} val / {N_TEST} test crops per class from "
           f"disjoint regions; test crops: {len(y_test)}")
-    print(f"latency: edgeopt.benchmark.measure, {threads} thread(s), input 1x3x224x224, {iterations} iterations "
+    print(f"latency: edgeopt.measure.latency.measure, {threads} thread(s), input 1x3x224x224, {iterations} iterations "
           f"x {args.repeats} repetition(s), interleaved; ratios within a repetition, median [min-max]\n")
     hdr = (f"{'model':<44} {'runtime':<12} {'p50 ms':>20} {'size MB':>8} {'acc %':>6} {'drop pt':>8} "
            f"{'speedup':>19} {'smaller':>8}  INT8 in the executed graph")

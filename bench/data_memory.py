@@ -82,8 +82,8 @@ def main() -> int:
         import torch
 
         from edgeopt.config import DataConfig
-        from edgeopt.data import load_dataset
-        from edgeopt.models import build_model
+        from edgeopt.data.load import load_dataset
+        from edgeopt.models.zoo import build_model
 
         cfg = DataConfig(source="imagefolder", root=root, image_size=(args.size, args.size))
         t = time.perf_counter()

@@ -1,10 +1,10 @@
 """The edgeopt latency harness against OpenVINO's own benchmark_app, on the same IR.
 
 Both run the same OpenVINO IR (default: ResNet-18 FP32, torchvision random init, exported with
-edgeopt.export like the pipeline's IRs: dynamic batch, FP32 weights) on CPU with one stream, the
+edgeopt.formats.export like the pipeline's IRs: dynamic batch, FP32 weights) on CPU with one stream, the
 same thread count, f32 inference precision, batch 1 and the same input tensor:
 
-  harness:        edgeopt.runtimes.OpenVINOPredictor(threads=N) timed by edgeopt.benchmark.measure
+  harness:        edgeopt.runtimes.OpenVINOPredictor(threads=N) timed by edgeopt.measure.latency.measure
   benchmark_app:  -d CPU -hint none -nstreams 1 -nthreads N -api sync -infer_precision f32 -ip f32
                   -i <the same input .npy> -data_shape [1,3,224,224] -inference_only true -niter <iterations>
 
@@ -76,7 +76,7 @@ def resnet18_ir(folder: Path, seed: int) -> Path:
     import torch
     import torchvision
 
-    from edgeopt.export import export_onnx, onnx_to_openvino
+    from edgeopt.formats.export import export_onnx, onnx_to_openvino
 
     torch.manual_seed(seed)
     model = torchvision.models.resnet18(weights=None).eval()
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     quiet()
     import openvino as ov
 
-    from edgeopt.benchmark import cpu_fingerprint, measure
+    from edgeopt.measure.latency import cpu_fingerprint, measure
     from edgeopt.runtimes import OpenVINOPredictor
 
     bapp = find_benchmark_app(args.benchmark_app)

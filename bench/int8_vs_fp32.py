@@ -3,7 +3,7 @@ runtime, measured in one run.
 
 Each model (torchvision, random init: latency does not depend on the weights' values; BatchNorm
 statistics are set from the calibration images so activations have a trained network's scale) is
-exported to ONNX with edgeopt.export and quantized with edgeopt.precisions' own functions:
+exported to ONNX with edgeopt.formats.export and quantized with edgeopt.precisions' own functions:
   - ONNX Runtime: FP32 ONNX vs static QDQ INT8 ONNX (per-channel, MinMax) with
       * edgeopt's default recipe (``onnxruntime.activation_type: auto``, ``reduce_range: auto``,
         resolved for this CPU),
@@ -12,10 +12,10 @@ exported to ONNX with edgeopt.export and quantized with edgeopt.precisions' own 
       * edgeopt's default recipe (mixed preset, CPU config, full bias correction, first layer in float),
       * every layer quantized (``nncf.ignore_first: false``);
 all calibrated on the same random-normal images. Every predictor is timed with
-edgeopt.benchmark.measure in one process, on the same input, with the same thread count,
+edgeopt.measure.latency.measure in one process, on the same input, with the same thread count,
 interleaved; the whole measurement is repeated (--repeats) and every ratio is taken within one
 repetition. How much of each INT8 model the runtime really executes in INT8 is read with
-edgeopt.precisions.coverage.int8_coverage (the graph the runtime optimized / compiled).
+edgeopt.runtimes.coverage.int8_coverage (the graph the runtime optimized / compiled).
 
     .venv/bin/python bench/int8_vs_fp32.py                       # full: 200 iterations x 3 repetitions
     .venv/bin/python bench/int8_vs_fp32.py --models resnet18     # ResNet-18 only
@@ -55,9 +55,8 @@ class Row:
 
 
 def rows() -> List[Row]:
+    from edgeopt.config.quant import NNCFOptions, OrtOptions
     from edgeopt.precisions import nncf_backend, ort
-    from edgeopt.precisions.nncf_backend import NNCFOptions
-    from edgeopt.precisions.ort import OrtOptions
 
     def ort_row(label: str, options: OrtOptions, default: bool = False) -> Row:
         return Row(label, "onnxruntime", default, lambda src, dst, cal: ort.quantize_static_qdq(src, dst, cal, options))
@@ -121,7 +120,7 @@ def build_models(name: str, recipes: List[Row], folder: Path, calibration: np.nd
     import torchvision
 
     from edgeopt import formats
-    from edgeopt.export import export_onnx
+    from edgeopt.formats.export import export_onnx
 
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(weights=None)
@@ -149,9 +148,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet()
-    from edgeopt.benchmark import cpu_fingerprint, int8_warning, measure
-    from edgeopt.precisions.coverage import int8_coverage
+    from edgeopt.measure.latency import cpu_fingerprint, int8_warning, measure
     from edgeopt.runtimes import make_predictor
+    from edgeopt.runtimes.coverage import int8_coverage
 
     recipes = rows()
     fp = cpu_fingerprint()
@@ -208,7 +207,7 @@ def main(argv=None) -> int:
                   f"{n['size']:>16}  {n['cos']:>9.4f}  {n['int8']}")
     print("(median [min-max] over the repetitions; each speedup is FP32 p50 / INT8 p50 of the same repetition, "
           "on the same runtime; logit cos: INT8 vs FP32 logits on 8 other random images; layers: "
-          "edgeopt.precisions.coverage on the graph the runtime runs)")
+          "edgeopt.runtimes.coverage on the graph the runtime runs)")
 
     print()
     for name in args.models:

@@ -105,20 +105,20 @@ class Clock:
 
 def plain_run(cfg, run_name: str) -> Dict[str, float]:
     """The pipeline's work as plain calls, in pipelines/compress.py's order; seconds per part."""
-    from edgeopt.data import load_dataset
-    from edgeopt.deploy import deploy_from_registry
-    from edgeopt.evaluation import evaluate_variants
-    from edgeopt.export import export_checkpoint
-    from edgeopt.pareto import select
-    from edgeopt.plan import variant_plan
+    from edgeopt.data.load import load_dataset
+    from edgeopt.deploy.bundles import deploy_from_registry
+    from edgeopt.formats.export import export_checkpoint
+    from edgeopt.measure.evaluate import evaluate_variants
+    from edgeopt.plan.variants import variant_plan
     from edgeopt.precisions import quantize_model
-    from edgeopt.promotion import decide
-    from edgeopt.provenance import provenance
-    from edgeopt.report import pareto_plot_artifact, selection_report
-    from edgeopt.shrink import shrink_base
-    from edgeopt.teacher import train_teacher
-    from edgeopt.tracking import fetch_champion, log_pipeline_run, promote_winner
-    from edgeopt.training import distill_student
+    from edgeopt.select.pareto import select
+    from edgeopt.select.promotion import decide
+    from edgeopt.select.report import pareto_plot_artifact, selection_report
+    from edgeopt.shrink.run import shrink_base
+    from edgeopt.track.provenance import provenance
+    from edgeopt.track.runs import fetch_champion, log_pipeline_run, promote_winner
+    from edgeopt.train.fit import distill_student
+    from edgeopt.train.teacher import train_teacher
 
     v, uri, reg, plan = cfg.variants, cfg.tracking_uri(), cfg.registry, variant_plan(cfg)
     mlflow = [0.0, 0.0]  # wall, CPU
@@ -182,7 +182,7 @@ def compare(args: argparse.Namespace, state: Path) -> int:
     import yaml
     from zenml.client import Client
 
-    from edgeopt.benchmark import cpu_fingerprint
+    from edgeopt.measure.latency import cpu_fingerprint
 
     if args.config is not None:
         raw, source = yaml.safe_load(args.config.read_text()), str(args.config)

@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:
 
 from edgeopt import formats  # noqa: E402
 from edgeopt.artifacts import new_workdir  # noqa: E402
-from edgeopt.deploy import Bundle, deploy  # noqa: E402
+from edgeopt.deploy.bundles import Bundle, deploy  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only: this benchmark never sends traffic anywhere else
 DIGITS = (1, 8, 8)
@@ -455,7 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.duration <= 0 or a.max_requests < 2 or a.clients < 1:
         p.error("--duration must be > 0, --max-requests >= 2, --clients >= 1")
     from bench._common import fingerprint_line, load_line
-    from edgeopt.benchmark import cpu_fingerprint
+    from edgeopt.measure.latency import cpu_fingerprint
 
     print(fingerprint_line(cpu_fingerprint()))
     print(load_line("at the start"))

@@ -5,11 +5,11 @@
    folder in a temporary folder, so the user's .edgeopt state and deploy/ are not touched.
 2. Takes the promoted model from the registry (the champion alias) and the teacher checkpoint the
    run trained (its train_teacher step output).
-3. Baseline: the same teacher checkpoint exported to OpenVINO IR (edgeopt.export) and quantized
+3. Baseline: the same teacher checkpoint exported to OpenVINO IR (edgeopt.formats.export) and quantized
    with NNCF post-training INT8 (edgeopt.precisions.quantize_model, precision int8, with the
    config's variants.quant settings): no distillation, no pruning.
 4. Evaluates both, with the teacher's FP32 ONNX on ONNX Runtime as the reference, with the pipeline's
-   own harness (edgeopt.evaluation.evaluate_variants: accuracy on the same test split through the
+   own harness (edgeopt.measure.evaluate.evaluate_variants: accuracy on the same test split through the
    real runtime, latency interleaved in one process at the target's threads and batch), --repeats
    times, and prints accuracy, p50, size and the ratios.
 
@@ -73,11 +73,11 @@ def main(argv=None) -> int:
 def compare(args: argparse.Namespace, state: Path) -> int:
     import yaml
 
-    from edgeopt.benchmark import cpu_fingerprint
-    from edgeopt.evaluation import evaluate_variants, variant_name
-    from edgeopt.export import export_checkpoint
+    from edgeopt.formats.export import export_checkpoint
+    from edgeopt.measure.evaluate import evaluate_variants, variant_name
+    from edgeopt.measure.latency import cpu_fingerprint
     from edgeopt.precisions import quantize_model
-    from edgeopt.tracking import fetch_champion
+    from edgeopt.track.runs import fetch_champion
     from edgeopt_zenml.pipelines.runner import output, run_pipeline
 
     raw = yaml.safe_load(args.config.read_text())

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import click
 
-from edgeopt.config import ConfigError, load_config
+from edgeopt.config import ConfigError
 from edgeopt.env import configure_local_state
+from edgeopt.plan import load_config
 
 configure_local_state()
 
@@ -42,7 +43,7 @@ def _load(config: Path, preflight: bool = False):
     except ConfigError as err:
         _fail(str(err))
     if preflight:
-        from edgeopt.preflight import PREFLIGHT_ERRORS, check_run_inputs
+        from edgeopt.plan.preflight import PREFLIGHT_ERRORS, check_run_inputs
 
         try:
             check_run_inputs(cfg)
@@ -83,7 +84,7 @@ def run(config: Path, no_cache: bool, run_name: str | None, zenml_config: Path |
     cfg = _load(config, preflight=True)
     if cfg.targets:  # every target's agent answers and takes its token, before any training
         from edgeopt.agent.client import AgentError
-        from edgeopt.evaluation import preflight_targets
+        from edgeopt.measure.evaluate import preflight_targets
 
         try:
             for d, info in zip(cfg.targets, preflight_targets(cfg.targets)):
@@ -143,7 +144,7 @@ def validate(config: Path) -> None:
     """Validate CONFIG and every input a run of it needs (data, a brought model, the tracking store, the
     deploy folder) and print the variants it would build."""
     cfg = _load(config, preflight=True)
-    from edgeopt.plan import variant_plan
+    from edgeopt.plan.variants import variant_plan
 
     plan = variant_plan(cfg)
     names = plan.names()
@@ -206,8 +207,8 @@ def serve(deploy_root: Path, host: str, port: int, token: str | None, max_body_b
       EDGEOPT_SERVE_TOKEN=... python run.py serve --host 0.0.0.0 \\
           --ssl-certfile cert.pem --ssl-keyfile key.pem
     """
-    from edgeopt.serving import ServeError
-    from edgeopt.serving import serve as run_server
+    from edgeopt.serve.app import ServeError
+    from edgeopt.serve.app import serve as run_server
 
     try:
         run_server(deploy_root, host=host, port=port, token=token, max_body_bytes=max_body_bytes,
@@ -241,8 +242,8 @@ def rollback(config: Path) -> None:
     cfg = _load(config)
     from mlflow.exceptions import MlflowException
 
-    from edgeopt.deploy import DeployError
-    from edgeopt.deploy import rollback as _rollback
+    from edgeopt.deploy.bundles import DeployError
+    from edgeopt.deploy.bundles import rollback as _rollback
     from edgeopt_zenml.rollback import restore_stage
 
     try:
@@ -272,7 +273,7 @@ def unblock(config: Path, which: str | None) -> None:
     cfg = _load(config)
     from mlflow.exceptions import MlflowException
 
-    from edgeopt.registry import unblock as _unblock
+    from edgeopt.registry.lease import unblock as _unblock
 
     try:
         cleared = _unblock(cfg.tracking_uri(), cfg.registry.name, which)

@@ -22,8 +22,9 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgeopt.config import ConfigError, load_config  # noqa: E402
+from edgeopt.config import ConfigError  # noqa: E402
 from edgeopt.env import configure_local_state  # noqa: E402
+from edgeopt.plan import load_config  # noqa: E402
 
 configure_local_state()
 

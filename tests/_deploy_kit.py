@@ -13,12 +13,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeopt.artifacts import ModelArtifact, new_workdir
 from edgeopt.config import PromotionConfig
-from edgeopt.deploy import serving_info
-from edgeopt.evaluation import Evaluation, Reference, VariantResult
-from edgeopt.pareto import Selection
-from edgeopt.promotion import decide
-from edgeopt.registry import SERVING_FILE
-from edgeopt.tracking import PromotionResult, TrackedRuns, alias_version, client_for, experiment_id, promote_winner
+from edgeopt.deploy.bundles import serving_info
+from edgeopt.measure.evaluate import Evaluation, Reference, VariantResult
+from edgeopt.registry.lease import SERVING_FILE
+from edgeopt.select.pareto import Selection
+from edgeopt.select.promotion import decide
+from edgeopt.track.runs import PromotionResult, TrackedRuns, alias_version, client_for, experiment_id, promote_winner
 
 SHAPE = (1, 2, 2)
 LABELS = ["a", "b"]
@@ -52,7 +52,7 @@ def model_dir(seed: int, **kw) -> ModelArtifact:
 
 
 def deploy_info(name: str, version: str, **extra) -> dict:
-    """``info`` for :func:`edgeopt.deploy.deploy` of a tiny model."""
+    """``info`` for :func:`edgeopt.deploy.bundles.deploy` of a tiny model."""
     return {"registered_model": name, "version": version, "run_id": f"run-{version}",
             "preprocessing": {k: DATASET[k] for k in ("input_shape", "mean", "std", "scale")}, **extra}
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pytest  # noqa: E402
 
-from edgeopt.config import parse_config  # noqa: E402
+from edgeopt.plan import parse_config  # noqa: E402
 from tests._tiny import TINY  # noqa: E402
 
 
@@ -54,21 +54,21 @@ def tiny_config(tiny_raw):
 
 @pytest.fixture(scope="session")
 def digits(tiny_config):
-    from edgeopt.data import load_dataset
+    from edgeopt.data.load import load_dataset
 
     return load_dataset(tiny_config.data, seed=0)
 
 
 @pytest.fixture(scope="session")
 def teacher_ckpt(digits, tiny_config):
-    from edgeopt.teacher import train_teacher
+    from edgeopt.train.teacher import train_teacher
 
     return train_teacher(digits, tiny_config.teacher, seed=0)
 
 
 @pytest.fixture(scope="session")
 def student_ckpt(digits, teacher_ckpt, tiny_config):
-    from edgeopt.training import distill_student
+    from edgeopt.train.fit import distill_student
 
     return distill_student(digits, teacher_ckpt, tiny_config.student, seed=0)
 

@@ -22,10 +22,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from edgeopt.agent.client import Agent, AgentError, pack_job
-from edgeopt.config import DeviceTargetConfig, TargetConfig, parse_config
-from edgeopt.evaluation import evaluate_on_device, evaluate_on_targets, preflight_targets
-from edgeopt.pareto import select
-from edgeopt.report import pareto_plot
+from edgeopt.config import DeviceTargetConfig, TargetConfig
+from edgeopt.measure.evaluate import evaluate_on_device, evaluate_on_targets, preflight_targets
+from edgeopt.plan import parse_config
+from edgeopt.select.pareto import select
+from edgeopt.select.report import pareto_plot
 
 pytestmark = pytest.mark.slow  # agent processes and pipeline runs (README: the inner loop skips them)
 
@@ -281,7 +282,7 @@ def test_a_model_over_the_size_cap_is_refused(tmp_path, digits, teacher_onnx):
 @pytest.fixture(scope="module")
 def teacher_onnx(devices_run):
     """The run's reference model (the teacher's FP32 ONNX), as the pipeline exported it."""
-    from edgeopt.plan import variant_plan
+    from edgeopt.plan.variants import variant_plan
 
     cfg, out = devices_run
     step = next(b.export_id for b in variant_plan(cfg).builds if b.fp32_name == "teacher-fp32-onnx")

@@ -27,9 +27,9 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-import edgeopt.preflight
+import edgeopt.plan.preflight
 from edgeopt.config import MAX_CONFIG_BYTES
-from edgeopt.images import MAX_PIXELS
+from edgeopt.data.images import MAX_PIXELS
 from edgeopt_zenml.cli import cli
 from tests._tiny import ROOT
 
@@ -391,7 +391,7 @@ class _Payload:
 def test_brought_state_dicts_are_loaded_up_front(tmp_path):
     import torch
 
-    from edgeopt.models import build_model
+    from edgeopt.models.zoo import build_model
 
     raw = base_config(tmp_path)
     cases = []
@@ -485,7 +485,7 @@ def test_tracking_servers_that_cannot_work(tmp_path, http_answering, monkeypatch
     silent = socket.socket()  # accepts connections (the kernel's backlog), never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
-    monkeypatch.setattr(edgeopt.preflight, "TRACKING_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(edgeopt.plan.preflight, "TRACKING_TIMEOUT_S", 0.5)
     try:
         refused(f"http://127.0.0.1:{silent.getsockname()[1]}",
                 f"tracking.uri: http://127.0.0.1:{silent.getsockname()[1]}: the tracking server does not answer "

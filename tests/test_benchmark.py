@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-import edgeopt.benchmark
-from edgeopt.benchmark import cpu_fingerprint, int8_warning, measure
+import edgeopt.measure.latency
+from edgeopt.measure.latency import cpu_fingerprint, int8_warning, measure
 
 
 class Clock:
@@ -30,7 +30,7 @@ class Model:
 @pytest.fixture
 def clock(monkeypatch):
     c = Clock()
-    monkeypatch.setattr(edgeopt.benchmark, "time", c)
+    monkeypatch.setattr(edgeopt.measure.latency, "time", c)
     return c
 
 

@@ -18,16 +18,16 @@ from torch import nn
 
 from edgeopt import formats
 from edgeopt.artifacts import Checkpoint
-from edgeopt.config import parse_config
-from edgeopt.export import export_checkpoint
-from edgeopt.models import build_model, load_checkpoint
-from edgeopt.plan import variant_plan
-from edgeopt.pretrained import PretrainedError, inspect_onnx, load_state_dict_teacher, onnx_teacher, torch_from_onnx
+from edgeopt.formats.export import export_checkpoint
+from edgeopt.models.brought import PretrainedError, inspect_onnx, load_state_dict_teacher, onnx_teacher, torch_from_onnx
+from edgeopt.models.zoo import build_model, load_checkpoint
+from edgeopt.plan import parse_config
+from edgeopt.plan.variants import variant_plan
 from edgeopt.runtimes import make_predictor
-from edgeopt.shrink import shrink_base
-from edgeopt.techniques import REGISTRY, Applied, Technique, TechniqueOptions
-from edgeopt.techniques.prune import PruneOptions
-from edgeopt.training import accuracy
+from edgeopt.shrink.base import REGISTRY, Applied, Technique, TechniqueOptions
+from edgeopt.shrink.prune import PruneOptions
+from edgeopt.shrink.run import shrink_base
+from edgeopt.train.fit import accuracy
 from tests._tiny import ROOT, TINY
 
 pytestmark = pytest.mark.slow  # trains, converts and fine-tunes models (README: the inner loop skips them)

@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from edgeopt.config import ConfigError, DataConfig, StudentConfig, TeacherConfig, parse_config
-from edgeopt.data import DataError, load_dataset
-from edgeopt.export import export_checkpoint, export_onnx
-from edgeopt.models import build_model, load_checkpoint
-from edgeopt.pretrained import PretrainedError
-from edgeopt.teacher import train_teacher
-from edgeopt.training import distill_student
+from edgeopt.config import ConfigError, DataConfig, StudentConfig, TeacherConfig
+from edgeopt.data.load import DataError, load_dataset
+from edgeopt.formats.export import export_checkpoint, export_onnx
+from edgeopt.models.brought import PretrainedError
+from edgeopt.models.zoo import build_model, load_checkpoint
+from edgeopt.plan import parse_config
+from edgeopt.train.fit import distill_student
+from edgeopt.train.teacher import train_teacher
 from examples.make_shapes import make_shapes
 from tests._tiny import TINY
 

@@ -23,7 +23,7 @@ import uuid
 import pytest
 
 from edgeopt import deploy as dep
-from edgeopt.tracking import alias_version, client_for
+from edgeopt.track.runs import alias_version, client_for
 from tests._deploy_kit import logged_run, promote, versions
 from tests._tiny import ROOT
 
@@ -57,7 +57,7 @@ PROMOTER = """
 import json, sys
 from pathlib import Path
 from edgeopt import deploy as dep
-from edgeopt.tracking import alias_version
+from edgeopt.track.runs import alias_version
 from tests._deploy_kit import logged_run, promote
 uri, name, root, host = sys.argv[1:5]
 out, sys.stdout = sys.stdout, sys.stderr  # stdout is this protocol's; MLflow prints too

@@ -6,19 +6,19 @@ from torch import nn
 
 from edgeopt.artifacts import model_or_failure
 from edgeopt.config import TargetConfig
-from edgeopt.evaluation import evaluate_variants
-from edgeopt.export import ParityError, check_parity, export_checkpoint
-from edgeopt.models import count_macs_params, load_checkpoint
-from edgeopt.pruning import prune_channels
-from edgeopt.shrink import shrink_base
-from edgeopt.techniques.prune import PruneOptions
-from edgeopt.training import accuracy, kd_loss
+from edgeopt.formats.export import ParityError, check_parity, export_checkpoint
+from edgeopt.measure.evaluate import evaluate_variants
+from edgeopt.models.zoo import count_macs_params, load_checkpoint
+from edgeopt.shrink.channels import prune_channels
+from edgeopt.shrink.prune import PruneOptions
+from edgeopt.shrink.run import shrink_base
+from edgeopt.train.fit import accuracy, kd_loss
 
 pytestmark = pytest.mark.slow  # trains, prunes and exports models (README: the inner loop skips them)
 
 
 def test_data_split_is_stratified_seeded_and_hashed(digits, tiny_config):
-    from edgeopt.data import load_dataset
+    from edgeopt.data.load import load_dataset
 
     sizes = digits.manifest["sizes"]
     assert sum(sizes.values()) == 1797 and sizes["test"] == 450

@@ -4,8 +4,9 @@ import sys
 
 import pytest
 
-from edgeopt.config import ConfigError, load_config, parse_config
-from edgeopt.plan import variant_plan
+from edgeopt.config import ConfigError
+from edgeopt.plan import load_config, parse_config
+from edgeopt.plan.variants import variant_plan
 from tests._tiny import ROOT, TINY
 
 

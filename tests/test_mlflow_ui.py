@@ -28,7 +28,7 @@ from zenml.client import Client
 
 from edgeopt.artifacts import ModelArtifact
 from edgeopt.config import PROJECT_ROOT
-from edgeopt.tracking import DIGEST_CHARS, VIEW_KEY, VIEW_METRICS
+from edgeopt.track.runs import DIGEST_CHARS, VIEW_KEY, VIEW_METRICS
 from tests._browser import chromium, shown
 
 pytestmark = pytest.mark.slow  # CLI pipeline runs, an MLflow server and a browser (README: the inner loop skips them)
@@ -86,7 +86,7 @@ def test_the_terminal_shows_edgeopts_lines_and_the_run_log_has_everything(ci_run
     chatter = [line for line in terminal.splitlines() if any(c in line for c in LIBRARY_CHATTER)]
     assert not chatter, chatter[:10]
     log = (Path(os.environ["EDGEOPT_STATE_DIR"]) / "logs" / "tiny-ui-ci.log").read_text()
-    assert "edgeopt.tracking: track: MLflow run" in log and "edgeopt.deploy" in log
+    assert "edgeopt.track.runs: track: MLflow run" in log and "edgeopt.deploy.bundles" in log
 
 
 def test_each_variant_is_an_mlflow_logged_model_with_its_metrics_dataset_and_source(ci_run, tmp_path):

@@ -1,4 +1,4 @@
-from edgeopt.pareto import select
+from edgeopt.select.pareto import select
 
 
 def m(acc, lat, size, drop=0.0):

@@ -9,8 +9,8 @@ from zenml.client import Client
 from zenml.enums import ExecutionStatus, ModelStages
 
 from edgeopt import deploy as dep
-from edgeopt.config import parse_config
-from edgeopt.plan import variant_plan
+from edgeopt.plan import parse_config
+from edgeopt.plan.variants import variant_plan
 from edgeopt_zenml.pipelines.runner import run_pipeline
 
 pytestmark = pytest.mark.slow  # whole pipeline runs (README: the inner loop skips them)
@@ -71,7 +71,7 @@ def test_deployed_bundle_matches_the_champion(first_run, tiny_config):
     assert m["version"] == promo.version and m["variant"] == first_run["selection"].winner == promo.variant
     runtime = json.loads((bundle.path / "runtime.json").read_text())
     assert runtime["runtime"] == promo.runtime and (bundle.path / "labels.json").is_file()
-    from edgeopt.data import load_dataset
+    from edgeopt.data.load import load_dataset
     from edgeopt.runtimes import make_predictor
 
     ds = load_dataset(tiny_config.data, 0)
@@ -122,9 +122,9 @@ def test_a_brought_fixed_batch_onnx_model_is_a_base_end_to_end(tiny_raw, teacher
     import torch
     from torch import nn
 
-    from edgeopt.data import load_dataset
-    from edgeopt.models import load_checkpoint
-    from edgeopt.serving import load_bundle
+    from edgeopt.data.load import load_dataset
+    from edgeopt.models.zoo import load_checkpoint
+    from edgeopt.serve.app import load_bundle
 
     path = state_dir / "brought.onnx"
     torch.onnx.export(nn.Sequential(load_checkpoint(teacher_ckpt), nn.Softmax(dim=1)).eval(), (torch.zeros(1, 1, 8, 8),),

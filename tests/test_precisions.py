@@ -10,13 +10,14 @@ import torch
 from onnx import numpy_helper
 
 from edgeopt import precisions
-from edgeopt.config import ConfigError, QuantConfig, parse_config
-from edgeopt.export import export_checkpoint
-from edgeopt.models import load_checkpoint, save_checkpoint
-from edgeopt.precisions import Inputs, Precision, RecipeOptions, get, nncf_backend, ort, quantize_model
-from edgeopt.precisions.coverage import int8_coverage
-from edgeopt.precisions.nncf_backend import NNCFOptions
+from edgeopt.config import ConfigError, QuantConfig
+from edgeopt.config.quant import NNCFOptions, RecipeOptions
+from edgeopt.formats.export import export_checkpoint
+from edgeopt.models.zoo import load_checkpoint, save_checkpoint
+from edgeopt.plan import parse_config
+from edgeopt.precisions import Inputs, Precision, get, nncf_backend, ort, quantize_model
 from edgeopt.runtimes import make_predictor
+from edgeopt.runtimes.coverage import int8_coverage
 
 pytestmark = pytest.mark.slow  # trains, exports and quantizes models (README: the inner loop skips them)
 
@@ -298,7 +299,7 @@ def test_accuracy_control_reverts_layers_until_the_drop_is_within_the_bound(digi
 
 
 def test_a_precision_defined_here_registers_and_runs(monkeypatch, digits, fp32_onnx, fp32_ir, tiny_raw):
-    monkeypatch.setattr(precisions, "REGISTRY", dict(precisions.REGISTRY))  # leave no trace in other tests
+    monkeypatch.setattr(precisions.base, "REGISTRY", dict(precisions.REGISTRY))  # leave no trace in other tests
 
     class RoundOptions(RecipeOptions):
         mantissa_bits: int = 3

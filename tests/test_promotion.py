@@ -18,8 +18,8 @@ import pytest
 from edgeopt import deploy as dep
 from edgeopt import registry
 from edgeopt.config import PromotionConfig
-from edgeopt.promotion import decide
-from edgeopt.tracking import alias_version, client_for, redact_uri, split_credentials
+from edgeopt.select.promotion import decide
+from edgeopt.track.runs import alias_version, client_for, redact_uri, split_credentials
 from tests._deploy_kit import (
     DATASET,
     LABELS,

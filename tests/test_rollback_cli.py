@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from edgeopt import deploy as dep
 from edgeopt import registry
-from edgeopt.tracking import alias_version
+from edgeopt.track.runs import alias_version
 from tests._deploy_kit import logged_run, promote
 
 

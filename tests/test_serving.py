@@ -34,10 +34,10 @@ from bench.serve_load import (
     tiny_model_dir,
 )
 from edgeopt.config import DataConfig
-from edgeopt.data import load_dataset
-from edgeopt.deploy import Bundle
+from edgeopt.data.load import load_dataset
+from edgeopt.deploy.bundles import Bundle
 from edgeopt.runtimes import make_predictor
-from edgeopt.serving import (
+from edgeopt.serve.app import (
     Preprocessing,
     ServeError,
     allowed_hosts,

@@ -5,15 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from edgeopt.export import export_checkpoint
-from edgeopt.lowrank import apply_lowrank_plan, energy_rank, factorize_lowrank
-from edgeopt.models import count_macs_params, load_checkpoint
-from edgeopt.pruning import IMPORTANCES, output_layers, prune_channels, sparsify
-from edgeopt.shrink import shrink_base
-from edgeopt.techniques.lowrank import LowRankOptions
-from edgeopt.techniques.prune import Prune, PruneOptions
-from edgeopt.techniques.sparsity import SparsityOptions
-from edgeopt.training import accuracy
+from edgeopt.formats.export import export_checkpoint
+from edgeopt.models.zoo import count_macs_params, load_checkpoint
+from edgeopt.shrink.channels import IMPORTANCES, output_layers, prune_channels, sparsify
+from edgeopt.shrink.lowrank import LowRankOptions
+from edgeopt.shrink.prune import Prune, PruneOptions
+from edgeopt.shrink.run import shrink_base
+from edgeopt.shrink.sparsity import SparsityOptions
+from edgeopt.shrink.svd import apply_lowrank_plan, energy_rank, factorize_lowrank
+from edgeopt.train.fit import accuracy
 
 pytestmark = pytest.mark.slow  # trains and fine-tunes models (README: the inner loop skips them)
 

@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from edgeopt.config import AugmentConfig, ConfigError, DataConfig, FitConfig, StudentConfig, parse_config
-from edgeopt.data import load_dataset
-from edgeopt.models import build_model, load_checkpoint, save_checkpoint
-from edgeopt.pretrained import PretrainedError, onnx_teacher
-from edgeopt.training import (
+from edgeopt.config import AugmentConfig, ConfigError, DataConfig, FitConfig, StudentConfig
+from edgeopt.data.load import load_dataset
+from edgeopt.models.brought import PretrainedError, onnx_teacher
+from edgeopt.models.zoo import build_model, load_checkpoint, save_checkpoint
+from edgeopt.plan import parse_config
+from edgeopt.train.fit import (
     Augmenter,
     chance_level,
     distill_student,
@@ -207,7 +208,7 @@ def test_chance_level_rule():
 
 def test_a_student_that_does_not_learn_is_reported_not_raised(digits, caplog):
     cfg = StudentConfig(arch="small_cnn", width=4, steps=20, eval_every=5, lr=1e-7)
-    with caplog.at_level(logging.WARNING, logger="edgeopt.training"):
+    with caplog.at_level(logging.WARNING, logger="edgeopt.train.fit"):
         ckpt = distill_student(digits, _random_teacher(digits), cfg, seed=0)
     m = ckpt.manifest
     assert m["learned"] is False and m["val_accuracy"] == m["history"]["best_val_acc"] < 0.3

@@ -2,7 +2,7 @@
 
 ``python -m edgeopt.agent`` (or ``edgeopt agent`` where the whole project is installed) serves a
 small token-protected HTTP API on the device; ``evaluate`` sends it one job per run with every
-variant, the reference and the champion, and gets back what :func:`edgeopt.benchmark.measure_models`
+variant, the reference and the champion, and gets back what :func:`edgeopt.measure.latency.measure_models`
 measured there. The device needs numpy, ONNX Runtime and/or OpenVINO, onnx, pydantic, starlette and
 uvicorn (``infra/agent/requirements.txt``): no torch, ZenML or MLflow.
 

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from edgeopt.benchmark import Latency, Measured
+from edgeopt.measure.latency import Latency, Measured
 
 INFO_TIMEOUT_S = 10.0
 

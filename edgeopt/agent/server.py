@@ -47,7 +47,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from edgeopt.agent import DEFAULT_PORT, MIN_TOKEN_CHARS, TOKEN_ENV
-from edgeopt.benchmark import cpu_fingerprint
+from edgeopt.measure.latency import cpu_fingerprint
 from edgeopt.runtimes import RUNTIMES
 
 log = logging.getLogger("edgeopt.agent")

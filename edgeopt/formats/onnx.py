@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict
 
-from edgeopt.formats import Format
+from edgeopt.formats.base import Format
 
 
 def opset(path: Path) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeopt.formats import Format
+from edgeopt.formats.base import Format
 
 
 class OpenVINOFormat(Format):

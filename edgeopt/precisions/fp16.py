@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
-from edgeopt.precisions import Inputs, Precision, RecipeOptions
+from edgeopt.config.quant import RecipeOptions
+from edgeopt.precisions.base import Inputs, Precision
 
 
 def convert_onnx(src: Path, dst: Path, options: RecipeOptions, inputs: Inputs) -> Dict[str, Any]:

@@ -16,9 +16,9 @@ from typing import Any, Dict, Tuple
 
 from pydantic import Field
 
-from edgeopt.precisions import Inputs, Precision, RecipeOptions, nncf_backend, ort
-from edgeopt.precisions.nncf_backend import AccuracyControlOptions, NNCFOptions
-from edgeopt.precisions.ort import OrtOptions
+from edgeopt.config.quant import AccuracyControlOptions, NNCFOptions, OrtOptions, RecipeOptions
+from edgeopt.precisions import nncf_backend, ort
+from edgeopt.precisions.base import Inputs, Precision
 
 
 class Int8AccOptions(RecipeOptions):

@@ -9,8 +9,9 @@ from typing import Any, Dict, Tuple
 
 from pydantic import Field
 
-from edgeopt.precisions import Inputs, Precision, RecipeOptions, ort
-from edgeopt.precisions.ort import OrtOptions
+from edgeopt.config.quant import OrtOptions, RecipeOptions
+from edgeopt.precisions import ort
+from edgeopt.precisions.base import Inputs, Precision
 
 
 class Int8DynamicOptions(RecipeOptions):

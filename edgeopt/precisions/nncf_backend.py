@@ -34,43 +34,18 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Literal, NamedTuple, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Tuple
 
 import numpy as np
-from pydantic import Field
 
-from edgeopt.precisions import Inputs, RecipeOptions, ort
-from edgeopt.precisions.ort import OrtOptions
+from edgeopt.config.quant import AccuracyControlOptions, NNCFOptions, OrtOptions
+from edgeopt.precisions import ort
+from edgeopt.precisions.base import Inputs
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-class NNCFOptions(RecipeOptions):
-    """``variants.quant.nncf``: NNCF post-training quantization (int8 on OpenVINO IR, int8-acc)."""
 
-    preset: Literal["performance", "mixed"] = Field(
-        "mixed", description="performance: symmetric activations; mixed: asymmetric activations (better on "
-                             "h-swish/SiLU; same speed on CPU).")
-    target_device: Literal["any", "cpu", "cpu_spr", "gpu", "npu"] = Field(
-        "cpu", description="NNCF hardware config: which operations get quantized and how.")
-    subset_size: int = Field(300, ge=1, le=100000, description="Calibration samples NNCF uses (<= calibration_samples).")
-    bias_correction: Literal["full", "fast", "none"] = Field(
-        "full", description="full: NNCF's BiasCorrection (a third of FastBiasCorrection's output error on "
-                            "EfficientNet-Lite0, 1.3-3x its quantization time); fast: FastBiasCorrection; none.")
-    model_type: Literal["auto", "cnn", "transformer"] = Field(
-        "auto", description="transformer: NNCF's transformer patterns and SmoothQuant; auto: transformer when the "
-                            "graph has an activation x activation MatMul (attention).")
-    ignore_first: bool = Field(
-        True, description="Keep the first weighted layer (it sees the raw image) in floating point.")
-    ignore_last: bool = Field(
-        False, description="Keep the last weighted layer (the classifier) in floating point.")
-
-
-class AccuracyControlOptions(RecipeOptions):
-    """``variants.quant.accuracy_control``: int8-acc's bound and budget."""
-
-    max_drop: float = Field(1.0, gt=0, le=100, description="Largest top-1 drop vs FP32 on the val split (points).")
-    max_iterations: int = Field(20, ge=1, le=1000, description="Most groups of layers reverted to floating point.")
 
 
 @dataclass(frozen=True)
@@ -322,7 +297,7 @@ def quantize_with_accuracy_control(src: Path, dst: Path, fmt: str, inputs: Input
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
-    from edgeopt.precisions.coverage import int8_coverage
+    from edgeopt.runtimes.coverage import int8_coverage
 
     backend = BACKENDS[fmt]
     model = backend.load(src)

@@ -23,13 +23,12 @@ import platform
 import tempfile
 from functools import cache
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Literal, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, Sequence, Tuple
 
 import numpy as np
-from pydantic import Field
 
-from edgeopt.benchmark import cpu_info
-from edgeopt.precisions import RecipeOptions
+from edgeopt.config.quant import OrtOptions
+from edgeopt.measure.latency import cpu_info
 
 VNNI = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 AUTO_ACTIVATION = {"x86": "uint8", "arm": "int8"}  # other CPUs: uint8, the type every CPU kernel fuses
@@ -45,21 +44,7 @@ CALIBRATOR_OPTIONS: Dict[str, Dict[str, Any]] = {
 }
 
 
-class OrtOptions(RecipeOptions):
-    """``variants.quant.onnxruntime``: ONNX Runtime quantization (int8 on ONNX, int8-dynamic)."""
 
-    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
-        "minmax", description="How activation ranges are taken from the calibration images (int8).")
-    per_channel: bool = Field(True, description="Per-channel weight scales.")
-    activation_type: Literal["auto", "uint8", "int8"] = Field(
-        "auto", description="uint8 = U8S8, int8 = S8S8; auto: uint8 on x86 (the only type ONNX Runtime fuses "
-                            "into QLinearConv there), int8 on ARM (both fuse; symmetric is ORT's advice).")
-    reduce_range: Literal["auto", True, False] = Field(
-        "auto", description="7-bit weights; auto: on x86 without VNNI/AMX, where U8S8 products can saturate.")
-    dynamic_op_types: List[Literal["MatMul", "Conv", "Attention", "LSTM"]] = Field(
-        ["MatMul"], min_length=1,
-        description="Operators int8-dynamic quantizes. Conv is left out by default: ONNX Runtime runs it as "
-                    "ConvInteger, 7x slower than the FP32 Conv on ResNet-18.")
 
 
 @cache

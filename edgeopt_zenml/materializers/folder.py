@@ -15,7 +15,7 @@ from zenml.io import fileio
 from zenml.materializers.base_materializer import BaseMaterializer
 
 from edgeopt.artifacts import Checkpoint, Dataset, FolderArtifact, ModelArtifact, new_workdir
-from edgeopt.report import PlotImage
+from edgeopt.select.report import PlotImage
 
 
 class FolderMaterializer(BaseMaterializer):

@@ -8,8 +8,8 @@ from typing import Any, Dict
 from zenml.enums import ArtifactType, VisualizationType
 from zenml.materializers.pydantic_materializer import PydanticMaterializer
 
-from edgeopt.evaluation import Evaluation
-from edgeopt.pareto import Selection
+from edgeopt.measure.evaluate import Evaluation
+from edgeopt.select.pareto import Selection
 
 
 class EvaluationMaterializer(PydanticMaterializer):

@@ -1,14 +1,13 @@
-"""The main pipeline, wired from the variant plan (``edgeopt.plan``): data -> teacher (trained or
+"""The main pipeline, wired from the variant plan (``edgeopt.plan.variants``): data -> teacher (trained or
 brought) -> KD student -> per base: shrink x export x precision -> evaluate -> select -> track ->
 promote -> deploy. Static (one invocation per variant, each with its own id), so it compiles to
 Kubeflow as parallel branches as well as it runs on the local orchestrator."""
 
 from zenml import pipeline
 
-from edgeopt.config import RunConfig
-from edgeopt.evaluation import target_aliases
-from edgeopt.plan import variant_plan
-from edgeopt.pretrained import file_sha256
+from edgeopt.measure.evaluate import target_aliases
+from edgeopt.models.brought import file_sha256
+from edgeopt.plan import parse_config, variant_plan
 from edgeopt_zenml.steps import (
     deploy,
     distill_student,
@@ -27,7 +26,7 @@ from edgeopt_zenml.steps.targets import track_targets
 
 @pipeline
 def compress(config: dict) -> None:
-    cfg = RunConfig.model_validate(config)
+    cfg = parse_config(config)
     plan = variant_plan(cfg)
     v = cfg.variants
     dataset = load_data(data=cfg.data.model_dump(mode="json"), seed=cfg.seed)

@@ -18,8 +18,8 @@ from zenml.utils import source_utils
 
 from edgeopt.artifacts import workdir_scope
 from edgeopt.config import FROM_CHECKOUT, PROJECT_ROOT, RunConfig, state_dir
-from edgeopt.report import variants_table
-from edgeopt.tracking import split_credentials
+from edgeopt.select.report import variants_table
+from edgeopt.track.runs import split_credentials
 from edgeopt_zenml.pipelines.compress import compress
 
 MAX_MESSAGE_CHARS = 400

@@ -3,8 +3,8 @@ from typing import Annotated, Optional
 
 from zenml import step
 
-from edgeopt.deploy import deploy_from_registry
-from edgeopt.tracking import PromotionResult
+from edgeopt.deploy.bundles import deploy_from_registry
+from edgeopt.track.runs import PromotionResult
 
 
 @step(enable_cache=False)

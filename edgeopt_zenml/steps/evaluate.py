@@ -6,8 +6,8 @@ from zenml import step
 
 from edgeopt.artifacts import Dataset, ModelArtifact
 from edgeopt.config import DeviceTargetConfig, TargetConfig
-from edgeopt.evaluation import Evaluation, evaluate_on_targets, evaluate_variants, target_aliases
-from edgeopt.tracking import fetch_champion
+from edgeopt.measure.evaluate import Evaluation, evaluate_on_targets, evaluate_variants, target_aliases
+from edgeopt.track.runs import fetch_champion
 from edgeopt_zenml.materializers import EvaluationMaterializer
 
 

@@ -3,10 +3,10 @@ from typing import Annotated
 from zenml import get_step_context, log_metadata, step
 from zenml.enums import ModelStages
 
-from edgeopt.evaluation import Evaluation
-from edgeopt.pareto import Selection
-from edgeopt.promotion import Decision
-from edgeopt.tracking import PromotionResult, TrackedRuns, promote_winner
+from edgeopt.measure.evaluate import Evaluation
+from edgeopt.select.pareto import Selection
+from edgeopt.select.promotion import Decision
+from edgeopt.track.runs import PromotionResult, TrackedRuns, promote_winner
 
 
 @step(enable_cache=False)

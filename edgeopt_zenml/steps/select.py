@@ -4,11 +4,11 @@ from zenml import get_step_context, step
 from zenml.types import MarkdownString
 
 from edgeopt.config import PromotionConfig
-from edgeopt.evaluation import Evaluation
-from edgeopt.pareto import Selection, TargetSelection, TargetSelections
-from edgeopt.pareto import select as _select
-from edgeopt.promotion import Decision, decide
-from edgeopt.report import PlotImage, pareto_plot_artifact, selection_report
+from edgeopt.measure.evaluate import Evaluation
+from edgeopt.select.pareto import Selection, TargetSelection, TargetSelections
+from edgeopt.select.pareto import select as _select
+from edgeopt.select.promotion import Decision, decide
+from edgeopt.select.report import PlotImage, pareto_plot_artifact, selection_report
 from edgeopt_zenml.materializers import ImageMaterializer, SelectionMaterializer
 
 

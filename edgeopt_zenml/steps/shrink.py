@@ -3,8 +3,8 @@ from typing import Annotated
 from zenml import step
 
 from edgeopt.artifacts import Checkpoint, Dataset
-from edgeopt.shrink import shrink_base
-from edgeopt.techniques import get
+from edgeopt.shrink.base import get
+from edgeopt.shrink.run import shrink_base
 from edgeopt_zenml.materializers import CheckpointMaterializer
 
 

@@ -2,9 +2,9 @@ from typing import Annotated, List
 
 from zenml import step
 
-from edgeopt.evaluation import Evaluation
-from edgeopt.pareto import TargetSelections
-from edgeopt.tracking import PromotionResult, TrackedRuns, log_target_metrics, promote_winner
+from edgeopt.measure.evaluate import Evaluation
+from edgeopt.select.pareto import TargetSelections
+from edgeopt.track.runs import PromotionResult, TrackedRuns, log_target_metrics, promote_winner
 
 
 @step(enable_cache=False)

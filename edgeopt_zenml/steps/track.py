@@ -4,12 +4,12 @@ from zenml import get_step_context, step
 from zenml.types import MarkdownString
 
 from edgeopt.artifacts import Dataset, ModelArtifact
-from edgeopt.evaluation import Evaluation
-from edgeopt.pareto import Selection
-from edgeopt.promotion import Decision
-from edgeopt.provenance import provenance
-from edgeopt.report import PlotImage
-from edgeopt.tracking import TrackedRuns, log_pipeline_run
+from edgeopt.measure.evaluate import Evaluation
+from edgeopt.select.pareto import Selection
+from edgeopt.select.promotion import Decision
+from edgeopt.select.report import PlotImage
+from edgeopt.track.provenance import provenance
+from edgeopt.track.runs import TrackedRuns, log_pipeline_run
 
 
 @step(enable_cache=False)

@@ -4,8 +4,8 @@ from zenml import step
 
 from edgeopt.artifacts import Checkpoint, Dataset
 from edgeopt.config import StudentConfig, TeacherConfig
-from edgeopt.teacher import train_teacher as _train
-from edgeopt.training import distill_student as _distill
+from edgeopt.train.fit import distill_student as _distill
+from edgeopt.train.teacher import train_teacher as _train
 from edgeopt_zenml.materializers import CheckpointMaterializer
 
 

@@ -1,0 +1,75 @@
+"""``variants.quant``: the options of every precision recipe, grouped by the tool that applies them.
+
+Plain data: each recipe (``edgeopt.precisions``) reads the groups it uses from here.
+"""
+
+from __future__ import annotations
+
+from typing import List, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RecipeOptions(BaseModel):
+    """Base of every recipe's options: unknown fields are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OrtOptions(RecipeOptions):
+    """``variants.quant.onnxruntime``: ONNX Runtime quantization (int8 on ONNX, int8-dynamic)."""
+
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="How activation ranges are taken from the calibration images (int8).")
+    per_channel: bool = Field(True, description="Per-channel weight scales.")
+    activation_type: Literal["auto", "uint8", "int8"] = Field(
+        "auto", description="uint8 = U8S8, int8 = S8S8; auto: uint8 on x86 (the only type ONNX Runtime fuses "
+                            "into QLinearConv there), int8 on ARM (both fuse; symmetric is ORT's advice).")
+    reduce_range: Literal["auto", True, False] = Field(
+        "auto", description="7-bit weights; auto: on x86 without VNNI/AMX, where U8S8 products can saturate.")
+    dynamic_op_types: List[Literal["MatMul", "Conv", "Attention", "LSTM"]] = Field(
+        ["MatMul"], min_length=1,
+        description="Operators int8-dynamic quantizes. Conv is left out by default: ONNX Runtime runs it as "
+                    "ConvInteger, 7x slower than the FP32 Conv on ResNet-18.")
+
+
+class NNCFOptions(RecipeOptions):
+    """``variants.quant.nncf``: NNCF post-training quantization (int8 on OpenVINO IR, int8-acc)."""
+
+    preset: Literal["performance", "mixed"] = Field(
+        "mixed", description="performance: symmetric activations; mixed: asymmetric activations (better on "
+                             "h-swish/SiLU; same speed on CPU).")
+    target_device: Literal["any", "cpu", "cpu_spr", "gpu", "npu"] = Field(
+        "cpu", description="NNCF hardware config: which operations get quantized and how.")
+    subset_size: int = Field(300, ge=1, le=100000, description="Calibration samples NNCF uses (<= calibration_samples).")
+    bias_correction: Literal["full", "fast", "none"] = Field(
+        "full", description="full: NNCF's BiasCorrection (a third of FastBiasCorrection's output error on "
+                            "EfficientNet-Lite0, 1.3-3x its quantization time); fast: FastBiasCorrection; none.")
+    model_type: Literal["auto", "cnn", "transformer"] = Field(
+        "auto", description="transformer: NNCF's transformer patterns and SmoothQuant; auto: transformer when the "
+                            "graph has an activation x activation MatMul (attention).")
+    ignore_first: bool = Field(
+        True, description="Keep the first weighted layer (it sees the raw image) in floating point.")
+    ignore_last: bool = Field(
+        False, description="Keep the last weighted layer (the classifier) in floating point.")
+
+
+class AccuracyControlOptions(RecipeOptions):
+    """``variants.quant.accuracy_control``: int8-acc's bound and budget."""
+
+    max_drop: float = Field(1.0, gt=0, le=100, description="Largest top-1 drop vs FP32 on the val split (points).")
+    max_iterations: int = Field(20, ge=1, le=1000, description="Most groups of layers reverted to floating point.")
+
+
+class QuantConfig(BaseModel):
+    """``variants.quant``: the options of every precision recipe, grouped by the tool that applies them;
+    each recipe reads the groups it uses (edgeopt.precisions)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    calibration_samples: int = Field(
+        200, ge=1, le=100000, description="Calibration images drawn from the train split."
+    )
+    onnxruntime: OrtOptions = OrtOptions()
+    nncf: NNCFOptions = NNCFOptions()
+    accuracy_control: AccuracyControlOptions = AccuracyControlOptions()

@@ -1,0 +1,329 @@
+"""Evaluate every variant on the runtime it will run on, all in one process and one harness.
+
+Accuracy is measured on the test split through the real runtime (not torch); latency with the
+protocol in :mod:`edgeopt.measure.latency`, interleaved across every variant, the reference (the brought
+or trained model in FP32 on the runtime that runs its ONNX file) and the current champion, so every
+latency and every speedup in one evaluation is a same-run comparison.
+
+Where the run names ``targets`` (devices with an agent, :mod:`edgeopt.agent`), the same models go
+to each device as one job, which runs the same protocol there (:func:`edgeopt.measure.latency.measure_models`);
+each device gets an :class:`Evaluation` of its own, with its own champion.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import numpy as np
+from pydantic import BaseModel
+
+from edgeopt.agent import ACCURACY_BATCH
+from edgeopt.artifacts import Dataset, ModelArtifact
+from edgeopt.config import DeviceTargetConfig, TargetConfig
+from edgeopt.measure.latency import Measured, cpu_fingerprint, int8_warning, measure_models
+
+log = logging.getLogger(__name__)
+
+
+class VariantResult(BaseModel):
+    variant: str
+    status: Literal["ok", "failed"]
+    reason: Optional[str] = None
+    recipe: Dict[str, object] = {}
+    lineage: Dict[str, Optional[str]] = {}
+    metrics: Dict[str, float] = {}
+    runtime_settings: Dict[str, object] = {}
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class Reference(BaseModel):
+    """What every variant is compared with, measured in the same loop."""
+
+    variant: str
+    accuracy: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    size_mb: float
+    params: float
+    output: str = "logits"
+
+
+class Evaluation(BaseModel):
+    target: Dict[str, object]
+    fingerprint: Dict[str, Any]
+    reference: Reference
+    results: List[VariantResult]
+    champion: Optional[VariantResult] = None
+    champion_version: Optional[str] = None
+    warnings: List[str] = []
+    device: Optional[Dict[str, Any]] = None  # the target device: label, url, job time, peak memory; None: this machine
+    error: Optional[str] = None  # why the device measured nothing (its agent dropped or refused the job)
+    others: List["Evaluation"] = []  # with several targets: the second and later ones (this is the first)
+
+    @property
+    def label(self) -> str:
+        """The device's label, or 'local' for the machine that ran evaluate."""
+        return str(self.device["label"]) if self.device else "local"
+
+    @property
+    def devices(self) -> List["Evaluation"]:
+        """This evaluation and those of the other targets, in the config's order."""
+        return [self, *self.others]
+
+    def result(self, variant: str) -> VariantResult:
+        return next(r for r in self.results if r.variant == variant)
+
+    def metrics_by_variant(self) -> Dict[str, Optional[dict]]:
+        return {r.variant: (r.metrics if r.ok else None) for r in self.results}
+
+
+def variant_name(model: ModelArtifact, runtime: str) -> str:
+    return f"{model.variant}@{runtime}"
+
+
+# An exported model and the runtime to run it on
+Source = Tuple[ModelArtifact, str]
+# The current champion: its model, registry version and runtime
+Champion = Tuple[ModelArtifact, str, str]
+
+
+def _sources(models: List[ModelArtifact], evaluations: Dict[str, List[str]]) -> Dict[str, Source]:
+    return {variant_name(m, rt): (m, rt) for m in models for rt in evaluations.get(m.variant, [])}
+
+
+def champion_name(champion: Champion) -> str:
+    model, version, rt = champion
+    return f"champion-v{version}:{variant_name(model, rt)}"
+
+
+def _assemble(sources: Dict[str, Source], champion: Optional[Champion], measured: Dict[str, Measured],
+              labels: np.ndarray, reference: str, target: TargetConfig, fingerprint: Dict[str, Any],
+              refused: Dict[str, str], device: Optional[Dict[str, Any]] = None,
+              error: Optional[str] = None) -> Evaluation:
+    """Results of every (model, runtime) from what was measured on one machine: accuracy from the
+    top-1 predictions, latency and the speedups against the reference measured in the same loop."""
+
+    def result(name: str, m: ModelArtifact, rt: str) -> VariantResult:
+        r = VariantResult(variant=name, status="ok", recipe={**m.manifest["recipe"], "runtime": rt},
+                          lineage=m.manifest.get("lineage", {}))
+        if m.failed:
+            return r.model_copy(update={"status": "failed", "reason": m.manifest.get("reason")})
+        why = refused.get(name) or (measured[name].error if name in measured else error or "not measured")
+        if why:
+            log.warning("evaluate: %s failed %s: %s", name, where, why)
+            return r.model_copy(update={"status": "failed", "reason": why})
+        got = measured[name]
+        assert got.predictions is not None and got.latency is not None
+        if len(got.predictions) != len(labels):
+            return r.model_copy(update={"status": "failed", "reason": f"{len(got.predictions)} predictions for "
+                                                                       f"{len(labels)} test images"})
+        return r.model_copy(update={"runtime_settings": got.settings, "metrics": {
+            "accuracy": float((got.predictions == labels).mean()),
+            "size_mb": m.model_bytes / 1e6,
+            "params": float(m.manifest.get("params", 0)),
+            "macs": float(m.manifest.get("macs", 0)),
+            **got.coverage,
+        }})
+
+    where = f"on {device['label']}" if device else "here"
+    results = {name: result(name, m, rt) for name, (m, rt) in sources.items()}
+    champ = result(champion_name(champion), champion[0], champion[2]) if champion is not None else None
+    ref_ok = reference in results and results[reference].ok
+    if not ref_ok and device is None:
+        why = results[reference].reason if reference in results else "it was not built"
+        raise RuntimeError(f"the reference {reference} could not be measured: {why}")
+    if not ref_ok:
+        # a device that measured nothing usable: every candidate fails with the reason, the run goes on
+        why = error or (results[reference].reason if reference in results else "it was not built")
+        error = error or f"the reference {reference} could not be measured {where}: {why}"
+        failed = {"status": "failed", "metrics": {}, "reason": f"the reference failed {where}: {why}"}
+        results = {name: r if not r.ok else r.model_copy(update=failed) for name, r in results.items()}
+        champ = champ if champ is None or not champ.ok else champ.model_copy(update=failed)
+        nan = math.nan
+        ref_model = Reference(variant=reference, accuracy=nan, latency_p50_ms=nan, latency_p95_ms=nan, size_mb=nan,
+                              params=nan)
+    else:
+        ref, ref_lat = results[reference].metrics, measured[reference].latency
+        assert ref_lat is not None
+        for r in [*results.values(), *([champ] if champ else [])]:
+            if not r.ok:
+                continue
+            L = measured[r.variant].latency
+            assert L is not None
+            r.metrics.update({
+                "accuracy_drop": 100 * (ref["accuracy"] - r.metrics["accuracy"]),
+                "latency_p50_ms": L.p50_ms, "latency_p95_ms": L.p95_ms, "latency_p99_ms": L.p99_ms,
+                "latency_first_ms": L.first_ms, "latency_mean_ms": L.mean_ms, "latency_std_ms": L.std_ms,
+                "latency_noise_pct": L.noise_pct,
+                "speedup_vs_reference": ref_lat.p50_ms / L.p50_ms,
+                "compression_ratio": ref["size_mb"] / r.metrics["size_mb"],
+            })
+            parent = f"{r.lineage.get('parent')}@{r.recipe['runtime']}"  # a quantized variant's FP32 export
+            if parent in results and results[parent].ok and parent != r.variant:
+                r.metrics["speedup_vs_fp32"] = measured[parent].latency.p50_ms / L.p50_ms  # type: ignore[union-attr]
+        ref_model = Reference(variant=reference, accuracy=ref["accuracy"], latency_p50_ms=ref_lat.p50_ms,
+                              latency_p95_ms=ref_lat.p95_ms, size_mb=ref["size_mb"], params=ref["params"],
+                              output=sources[reference][0].manifest.get("output", "logits"))
+    warnings = [w for w in [int8_warning(fingerprint)] if w and any(str(r.recipe.get("scheme", "")).startswith("int8")
+                                                                     for r in results.values())]
+    for w in warnings:
+        log.warning("evaluate: %s", w)
+    ok = sum(r.ok for r in results.values())
+    log.info(
+        "evaluate: %d variants (%d ok, %d failed) %s (%s, fingerprint %s), %d thread(s), batch %d; reference %s "
+        "acc %.4f p50 %.3f ms", len(results), ok, len(results) - ok, where, fingerprint.get("cpu"), fingerprint.get("id"),
+        target.threads, target.batch, reference, ref_model.accuracy, ref_model.latency_p50_ms,
+    )
+    return Evaluation(
+        target=target.model_dump(mode="json"), fingerprint=fingerprint, reference=ref_model,
+        results=list(results.values()), champion=champ, champion_version=champion[1] if champion else None,
+        warnings=warnings, device=device, error=error,
+    )
+
+
+def _settings(target: TargetConfig) -> Dict[str, Any]:
+    """The latency protocol's settings, as measure_models takes them (here and in an agent's job)."""
+    return {"threads": target.threads, "batch": target.batch, "warmup": target.warmup,
+            "iterations": target.iterations, "time_budget_s": target.time_budget_s}
+
+
+def _runnable(sources: Dict[str, Source], champion: Optional[Champion]) -> Dict[str, Source]:
+    run = {name: src for name, src in sources.items() if not src[0].failed}
+    if champion is not None:
+        run[champion_name(champion)] = (champion[0], champion[2])
+    return run
+
+
+def evaluate_variants(
+    models: List[ModelArtifact],
+    evaluations: Dict[str, List[str]],
+    dataset: Dataset,
+    reference: str,
+    target: TargetConfig,
+    champion: Optional[Champion] = None,
+) -> Evaluation:
+    """Accuracy, latency (p50/p95/p99, first inference, noise), size, params, how much runs in INT8 and,
+    for a quantized variant, its speedup over its own FP32 export on the same runtime, of every (model,
+    runtime) named in ``evaluations`` (variant -> runtimes), relative to ``reference`` (``variant@runtime``),
+    measured in this process.
+
+    ``champion`` (model, registry version, runtime) is the current champion: it is measured in the
+    same loop so that the challenger and it are compared on equal terms; it is not a candidate.
+    """
+    sources = _sources(models, evaluations)
+    x_lat = np.ascontiguousarray(next(dataset.batches("test", target.batch))[0])
+    measured = measure_models(
+        {name: (rt, m.model_file) for name, (m, rt) in _runnable(sources, champion).items()},
+        lambda: (x for x, _ in dataset.batches("test", ACCURACY_BATCH)), x_lat, **_settings(target),
+    )
+    return _assemble(sources, champion, measured, dataset.labels("test"), reference, target, cpu_fingerprint(), {})
+
+
+def target_aliases(alias: str, devices: List[DeviceTargetConfig]) -> Dict[str, str]:
+    """The registry alias of each target's champion: the first target's is ``alias`` (it drives the
+    deploy folder), every other one's ``<alias>-<label>``."""
+    return {d.label: alias if i == 0 else f"{alias}-{d.label}" for i, d in enumerate(devices)}
+
+
+def agent_for(device: DeviceTargetConfig):
+    """The client of a target's agent, with the token from its environment variable (one line if unset)."""
+    from edgeopt.agent.client import Agent, AgentError
+    from edgeopt.config import resolve_path
+
+    token = os.environ.get(device.token_env)
+    if not token:
+        raise AgentError(f"the environment variable {device.token_env} (the agent's token) is not set")
+    return Agent(device.url, token, device.timeout_s, resolve_path(device.ca_file) if device.ca_file else None)
+
+
+def preflight_targets(devices: List[DeviceTargetConfig]) -> List[Dict[str, Any]]:
+    """Check that every target's agent answers and takes its token, before any work; returns their
+    /info answers. Raises :class:`edgeopt.agent.client.AgentError` with one line naming the target."""
+    from edgeopt.agent.client import AgentError
+
+    infos = []
+    for d in devices:
+        try:
+            infos.append(agent_for(d).info())
+        except AgentError as err:
+            raise AgentError(f"target {d.label}: {err}" + (f" (${d.token_env})" if "refused the token" in str(err)
+                                                            else "")) from None
+    return infos
+
+
+def evaluate_on_device(
+    models: List[ModelArtifact],
+    evaluations: Dict[str, List[str]],
+    dataset: Dataset,
+    reference: str,
+    target: TargetConfig,
+    device: DeviceTargetConfig,
+    champion: Optional[Champion] = None,
+) -> Evaluation:
+    """As :func:`evaluate_variants`, measured on ``device`` by its agent: one job with every model,
+    the test images and the latency batch. A model the agent cannot take (a runtime it does not
+    offer, over its size cap) fails alone; an agent that does not answer or drops the job fails every
+    model of this device with the reason, and the run goes on."""
+    from edgeopt.agent.client import AgentError, pack_job
+    from edgeopt.agent.client import measured as measured_from
+
+    target = target.model_copy(update={"threads": device.threads or target.threads})
+    sources = _sources(models, evaluations)
+    device_info: Dict[str, Any] = {"url": device.url, "label": device.label}
+    fingerprint: Dict[str, Any] = {"id": "unknown", "cpu": "unknown", "cores": None, "isa": []}
+    measured: Dict[str, Measured] = {}
+    refused: Dict[str, str] = {}
+    error = None
+    try:
+        agent = agent_for(device)
+        about = agent.info()
+        fingerprint = about["fingerprint"]
+        job: Dict[str, Tuple[str, Path, List[Path]]] = {}
+        for name, (m, rt) in _runnable(sources, champion).items():
+            if rt not in about["runtimes"]:
+                refused[name] = f"runtime {rt} is not offered by the agent on {device.label}"
+            elif m.model_bytes > about["max_model_bytes"]:
+                refused[name] = (f"model of {m.model_bytes / 1e6:.2f} MB over the cap of the agent on {device.label} "
+                                 f"({about['max_model_bytes'] / 1e6:.2f} MB)")
+            else:
+                files = [m.path / f for f in m.manifest["files"] if f.startswith("model.")]
+                job[name] = (rt, m.model_file, files)
+        x_lat = np.ascontiguousarray(next(dataset.batches("test", target.batch))[0])
+        with tempfile.TemporaryDirectory(prefix="edgeopt-job-") as tmp:
+            packed = pack_job(Path(tmp) / "job.tar", _settings(target), job,
+                              (x for x, _ in dataset.batches("test", ACCURACY_BATCH)), dataset.size("test"), x_lat)
+            log.info("evaluate: %d models -> %s (%s), %.1f MB", len(job), device.label, device.url,
+                     packed.stat().st_size / 1e6)
+            answer = agent.run(packed)
+        measured = measured_from(answer)
+        device_info.update({"job": answer["job"], "job_s": answer["job_s"], "peak_rss_mb": answer["peak_rss_mb"]})
+    except AgentError as err:
+        error = f"target {device.label}: {err}"
+        log.warning("evaluate: %s", error)
+    return _assemble(sources, champion, measured, dataset.labels("test"), reference, target, fingerprint, refused,
+                     device=device_info, error=error)
+
+
+def evaluate_on_targets(
+    models: List[ModelArtifact],
+    evaluations: Dict[str, List[str]],
+    dataset: Dataset,
+    reference: str,
+    target: TargetConfig,
+    devices: List[DeviceTargetConfig],
+    champions: Dict[str, Optional[Champion]],
+) -> Evaluation:
+    """Every model on every device (one after the other: a device's loop never shares the machine
+    with another's), each with its own champion (``champions``: label -> champion). Returns the first
+    device's evaluation with the others in ``others``."""
+    evs = [evaluate_on_device(models, evaluations, dataset, reference, target, d, champions.get(d.label))
+           for d in devices]
+    return evs[0].model_copy(update={"others": evs[1:]})

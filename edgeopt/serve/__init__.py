@@ -1,0 +1,1 @@
+"""The local inference server over a deploy folder."""

@@ -1,0 +1,105 @@
+"""Shrink a base model with one structural technique, then recover its accuracy by KD.
+
+The same sequence for every technique (``edgeopt.shrink.base``): load the base, ``apply`` the
+technique, fine-tune with knowledge distillation from the KD teacher (for a distilled student, the
+teacher; for the teacher or a brought model, the original model itself), run the technique's
+after-fine-tune hook, save. A base brought as ONNX is shrunk as its torch conversion, checked
+against the file first (``edgeopt.models.brought.torch_from_onnx``); a conversion that is refused leaves
+its variants unbuilt, with the refusal as their reason. Usable from a notebook::
+
+    shrunk = shrink_base(student, teacher, dataset, "prune", 0.5, PruneOptions(amounts=[0.5]))
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from functools import partial
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+from edgeopt.artifacts import Checkpoint, Dataset, new_workdir
+from edgeopt.config import FitConfig, KDConfig
+from edgeopt.models.brought import PretrainedError, torch_from_onnx
+from edgeopt.models.zoo import (
+    CONVERTED,
+    add_batchnorm,
+    calibrate_batchnorm,
+    count_macs_params,
+    graph_module,
+    load_checkpoint,
+    save_checkpoint,
+)
+from edgeopt.shrink.base import ShrinkContext, TechniqueOptions, get
+from edgeopt.train.fit import fit, seed_everything
+
+log = logging.getLogger(__name__)
+
+BN_CALIBRATION_BATCHES = 10  # un-augmented train batches of 32 that set the BatchNorms a converted model gets back
+
+
+def calibration_batches(dataset: Dataset, n: int) -> List[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(x)) for x, _ in itertools.islice(dataset.batches("train", 32), n)]
+
+
+def finetune_config(train_config: dict, opts: TechniqueOptions) -> FitConfig:
+    """The base's own training settings (batch size, optimizer, augmentation ...; for a brought model,
+    the teacher section's), run for the technique's fine-tune steps (or epochs) at its learning rate."""
+    own = {k: v for k, v in train_config.items() if k in FitConfig.model_fields}
+    return FitConfig.model_validate({**own, "epochs": max(1, opts.finetune_epochs), "steps": opts.finetune_steps,
+                                     "lr": opts.lr})
+
+
+def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, technique: str, amount: float,
+                opts: TechniqueOptions, seed: int = 0) -> Checkpoint:
+    """``technique`` at ``amount`` on ``base``, KD fine-tuned from ``kd_teacher``; the Checkpoint records
+    MACs and params before and after, the recipe and the lineage. A base that did not learn is not
+    shrunk: the result says so and its variants are skipped."""
+    t = get(technique)
+    m = base.manifest
+    tag, base_name, train = t.variant_tag(amount), m.get("base", m["role"]), m.get("train_config") or {}
+    lineage = {**m.get("lineage", {}), m["role"]: base.content_hash[:12]}
+    info: Dict[str, Any] = {"tag": tag, "base": base_name, "lineage": lineage,
+                            "shrink": {"technique": technique, "amount": amount},
+                            "recipe_text": t.recipe(amount, opts)}
+    if not m.get("learned", True):
+        return Checkpoint.write(new_workdir(t.role), {
+            "role": t.role, **info, "learned": False, "reason": f"the base {m['role']} did not learn"})
+    seed_everything(seed)
+    arch, graph, load_base, before = m["arch"], None, lambda: load_checkpoint(base), m["macs"]
+    if base.onnx_file is not None:
+        try:
+            converted = torch_from_onnx(base.onnx_file, dataset, m.get("output", "logits"), source=m.get("source"))
+        except PretrainedError as err:
+            log.warning("shrink: %s %s not built: %s", base_name, tag, err)
+            return Checkpoint.write(new_workdir(t.role), {"role": t.role, **info, "learned": False, "reason": str(err)})
+        model, graph, arch = converted.model, converted.graph, {**arch, "name": CONVERTED, "batchnorm": True}
+        info["conversion"] = converted.describe()
+        before = count_macs_params(model, m["input_shape"])[0]
+        calibrate_batchnorm(model, add_batchnorm(model), calibration_batches(dataset, BN_CALIBRATION_BATCHES))
+        load_base = partial(graph_module, converted.graph)  # the converted model as it was (BatchNorms folded)
+    else:
+        model = load_checkpoint(base)
+    ctx = ShrinkContext(dataset=dataset, input_shape=m["input_shape"], num_classes=arch["num_classes"],
+                        seed=seed, load_base=load_base)
+    applied, after = t.apply(model, amount, opts, ctx)
+    val_acc = None
+    if opts.finetune_epochs or opts.finetune_steps:
+        hist = fit(model, dataset, finetune_config(train, opts), teacher=load_checkpoint(kd_teacher),
+                   kd=KDConfig.model_validate(train.get("kd") or {}),
+                   teacher_output=kd_teacher.manifest.get("output", "logits"), seed=seed,
+                   desc=f"{base_name} {tag} KD fine-tune")
+        val_acc = hist["best_val_acc"]
+    if after is not None:
+        applied.update(after())
+    ckpt = save_checkpoint(model, role=t.role, arch=arch, input_shape=m["input_shape"], graph=graph, info={
+        **info, **applied, "finetune_epochs": opts.finetune_epochs, "finetune_steps": opts.finetune_steps,
+        "finetune_lr": opts.lr, "val_accuracy": val_acc, "macs_before": before, "params_before": m["params"],
+        "train_config": m.get("train_config"),
+    })
+    log.info("shrink: %s %s (%s) MACs %d->%d params %d->%d val acc %s", base_name, tag,
+             info["recipe_text"], before, ckpt.manifest["macs"], m["params"], ckpt.manifest["params"],
+             "n/a" if val_acc is None else f"{val_acc:.4f}")
+    return ckpt
