@@ -7,7 +7,7 @@ FP32 ONNX on ONNX Runtime (the reference) and on OpenVINO, FP32 IR on OpenVINO, 
 Runtime. They are measured
 
   local:  edgeopt.measure.evaluate.evaluate_variants, in this process (what `evaluate` runs without targets);
-  agent:  edgeopt.measure.evaluate.evaluate_on_device, through an agent started on 127.0.0.1
+  agent:  edgeopt.agent.targets.evaluate_on_device, through an agent started on 127.0.0.1
           (python -m edgeopt.agent, from --agent-python: e.g. a venv with only
           infra/agent/requirements.txt), which runs the same protocol in a job process of its own,
 
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args, state: Path):
     from edgeopt.config import DataConfig, QuantConfig, TeacherConfig
-    from edgeopt.data.load import load_dataset
+    from edgeopt.data.sources import load_dataset
     from edgeopt.formats.export import export_checkpoint
     from edgeopt.precisions import quantize_model
     from edgeopt.train.teacher import train_teacher
@@ -101,8 +101,9 @@ def start_agent(python: Path, state: Path):
 
 
 def compare(args, state: Path) -> int:
+    from edgeopt.agent.targets import evaluate_on_device
     from edgeopt.config import DeviceTargetConfig, TargetConfig
-    from edgeopt.measure.evaluate import evaluate_on_device, evaluate_variants
+    from edgeopt.measure.evaluate import evaluate_variants
     from edgeopt.measure.latency import cpu_fingerprint
 
     print(fingerprint_line(cpu_fingerprint()))

@@ -82,7 +82,7 @@ def main() -> int:
         import torch
 
         from edgeopt.config import DataConfig
-        from edgeopt.data.load import load_dataset
+        from edgeopt.data.sources import load_dataset
         from edgeopt.models.zoo import build_model
 
         cfg = DataConfig(source="imagefolder", root=root, image_size=(args.size, args.size))

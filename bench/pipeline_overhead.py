@@ -105,7 +105,7 @@ class Clock:
 
 def plain_run(cfg, run_name: str) -> Dict[str, float]:
     """The pipeline's work as plain calls, in pipelines/compress.py's order; seconds per part."""
-    from edgeopt.data.load import load_dataset
+    from edgeopt.data.sources import load_dataset
     from edgeopt.deploy.bundles import deploy_from_registry
     from edgeopt.formats.export import export_checkpoint
     from edgeopt.measure.evaluate import evaluate_variants

@@ -84,7 +84,7 @@ def run(config: Path, no_cache: bool, run_name: str | None, zenml_config: Path |
     cfg = _load(config, preflight=True)
     if cfg.targets:  # every target's agent answers and takes its token, before any training
         from edgeopt.agent.client import AgentError
-        from edgeopt.measure.evaluate import preflight_targets
+        from edgeopt.agent.targets import preflight_targets
 
         try:
             for d, info in zip(cfg.targets, preflight_targets(cfg.targets)):

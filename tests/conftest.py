@@ -54,7 +54,7 @@ def tiny_config(tiny_raw):
 
 @pytest.fixture(scope="session")
 def digits(tiny_config):
-    from edgeopt.data.load import load_dataset
+    from edgeopt.data.sources import load_dataset
 
     return load_dataset(tiny_config.data, seed=0)
 

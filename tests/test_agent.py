@@ -22,8 +22,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from edgeopt.agent.client import Agent, AgentError, pack_job
+from edgeopt.agent.targets import evaluate_on_device, evaluate_on_targets, preflight_targets
 from edgeopt.config import DeviceTargetConfig, TargetConfig
-from edgeopt.measure.evaluate import evaluate_on_device, evaluate_on_targets, preflight_targets
 from edgeopt.plan import parse_config
 from edgeopt.select.pareto import select
 from edgeopt.select.report import pareto_plot

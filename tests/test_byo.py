@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from edgeopt.config import ConfigError, DataConfig, StudentConfig, TeacherConfig
-from edgeopt.data.load import DataError, load_dataset
+from edgeopt.data.sources import DataError, load_dataset
 from edgeopt.formats.export import export_checkpoint, export_onnx
 from edgeopt.models.brought import PretrainedError
 from edgeopt.models.zoo import build_model, load_checkpoint

@@ -14,7 +14,7 @@ from PIL import Image
 
 from edgeopt.config import DataConfig
 from edgeopt.data.images import ImageError, ImageTooLarge, decode_image
-from edgeopt.data.load import DataError, load_dataset
+from edgeopt.data.sources import DataError, load_dataset
 from examples.make_shapes import make_shapes
 
 
@@ -90,7 +90,7 @@ def test_digits_keep_their_exact_values(digits):
 def test_decode_cache_is_reused_and_follows_the_bytes(tmp_path, caplog):
     root = make_shapes(tmp_path / "imgs", per_class=6, size=16)
     cache = tmp_path / "cache"
-    caplog.set_level(logging.INFO, logger="edgeopt.data.load")
+    caplog.set_level(logging.INFO, logger="edgeopt.data.sources")
     first = load_dataset(_cfg(root), seed=0, cache_dir=cache)
     assert "decoded 18, from cache 0" in caplog.text
     entries = list(cache.glob("decoded-*"))

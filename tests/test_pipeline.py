@@ -71,7 +71,7 @@ def test_deployed_bundle_matches_the_champion(first_run, tiny_config):
     assert m["version"] == promo.version and m["variant"] == first_run["selection"].winner == promo.variant
     runtime = json.loads((bundle.path / "runtime.json").read_text())
     assert runtime["runtime"] == promo.runtime and (bundle.path / "labels.json").is_file()
-    from edgeopt.data.load import load_dataset
+    from edgeopt.data.sources import load_dataset
     from edgeopt.runtimes import make_predictor
 
     ds = load_dataset(tiny_config.data, 0)
@@ -122,7 +122,7 @@ def test_a_brought_fixed_batch_onnx_model_is_a_base_end_to_end(tiny_raw, teacher
     import torch
     from torch import nn
 
-    from edgeopt.data.load import load_dataset
+    from edgeopt.data.sources import load_dataset
     from edgeopt.models.zoo import load_checkpoint
     from edgeopt.serve.app import load_bundle
 

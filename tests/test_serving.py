@@ -34,7 +34,7 @@ from bench.serve_load import (
     tiny_model_dir,
 )
 from edgeopt.config import DataConfig
-from edgeopt.data.load import load_dataset
+from edgeopt.data.sources import load_dataset
 from edgeopt.deploy.bundles import Bundle
 from edgeopt.runtimes import make_predictor
 from edgeopt.serve.app import (

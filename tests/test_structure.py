@@ -1,16 +1,98 @@
 """The architecture holds: light imports where they matter, no format switch outside the format
-modules, the ZenML side kept out of the domain core, no import cycle."""
+modules, the ZenML side kept out of the domain core, no import cycle (among modules or among the core's
+packages, deferred imports included), no module a newcomer gets lost in."""
 
 import ast
 import re
 import subprocess
 import sys
+from collections import Counter
+from graphlib import CycleError, TopologicalSorter
 
 import pytest
 
 from tests._tiny import ROOT
 
 CORE = ROOT / "edgeopt"
+PACKAGES = ("edgeopt", "edgeopt_zenml")
+MAX_MODULE_LINES = 450
+
+
+def _module_name(path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _import_graph() -> dict:
+    """module -> the project modules it imports anywhere in its body (deferred imports too): ``import a.b``
+    and ``from a import b`` name the module a.b where it exists, else the package a."""
+    modules = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+
+    def known(name: str) -> str:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps |= {known(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = here
+                    for _ in range(node.level - 1):
+                        parent = parent.rpartition(".")[0]
+                    base = f"{parent}.{base}".rstrip(".")
+                deps |= {known(f"{base}.{a.name}") for a in node.names}
+        graph[name] = deps - {"", name}
+    return graph
+
+
+def _cycle(graph: dict):
+    try:
+        list(TopologicalSorter(graph).static_order())
+    except CycleError as err:
+        return err.args[1]
+    return None
+
+
+def test_no_import_cycle_among_modules():
+    assert _cycle(_import_graph()) is None
+
+
+def test_no_import_cycle_among_the_core_packages():
+    """Each stage of the core (edgeopt.data, edgeopt.shrink, edgeopt.deploy, ...) depends on earlier ones only."""
+    packages: dict = {}
+    for module, deps in _import_graph().items():
+        if module.startswith("edgeopt."):
+            own = ".".join(module.split(".")[:2])
+            packages.setdefault(own, set()).update(
+                ".".join(d.split(".")[:2]) for d in deps if d.startswith("edgeopt.") and not d.startswith(own + "."))
+            packages[own].discard(own)
+    assert _cycle(packages) is None
+
+
+def test_the_cycle_check_sees_deferred_imports(tmp_path):
+    """The graph above is not vacuous: a deferred import back into a module that imports it is a cycle."""
+    graph = _import_graph()
+    assert "edgeopt.plan.variants" in graph["edgeopt.plan.check"]
+    assert _cycle({**graph, "edgeopt.config.schema": graph["edgeopt.config.schema"] | {"edgeopt.plan.check"}})
+
+
+def test_no_module_is_too_long():
+    long = {_module_name(p): n for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, long
+
+
+def test_one_module_per_concept_name():
+    """No two core modules share a name (a `prune.py` here and a `prune.py` there): a newcomer opens the one.
+    The one pair allowed: OpenVINO is both a format (IR files) and a runtime, each registry with its module."""
+    names = Counter(p.stem for p in CORE.rglob("*.py") if p.stem not in ("__init__", "__main__", "base"))
+    assert [n for n, c in names.items() if c > 1] == ["openvino"]
 
 
 def _imports_after(statement: str) -> set:

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from edgeopt.config import AugmentConfig, ConfigError, DataConfig, FitConfig, StudentConfig
-from edgeopt.data.load import load_dataset
+from edgeopt.data.sources import load_dataset
 from edgeopt.models.brought import PretrainedError, onnx_teacher
 from edgeopt.models.zoo import build_model, load_checkpoint, save_checkpoint
 from edgeopt.plan import parse_config

@@ -10,7 +10,8 @@ uvicorn (``infra/agent/requirements.txt``): no torch, ZenML or MLflow.
   one job at a time, the job's folder removed after it);
 - :mod:`edgeopt.agent.job`: one job, in a process of its own (killed at the time budget; its peak
   memory is the job's);
-- :mod:`edgeopt.agent.client`: the pipeline's side (pre-flight, packing and sending a job).
+- :mod:`edgeopt.agent.client`: the pipeline's side of one agent (pre-flight, packing and sending a job);
+- :mod:`edgeopt.agent.targets`: every model evaluated on each of the run's devices through its agent.
 
 A job is one uncompressed tar: ``job.json`` (settings and the list of models), ``inputs.npy``
 (the normalized test images, for accuracy), ``latency.npy`` (the batch every model is timed on) and
@@ -20,4 +21,3 @@ A job is one uncompressed tar: ``job.json`` (settings and the list of models), `
 TOKEN_ENV = "EDGEOPT_AGENT_TOKEN"  # where the agent reads its token by default
 MIN_TOKEN_CHARS = 16
 DEFAULT_PORT = 8765
-ACCURACY_BATCH = 64  # accuracy inputs are run in batches of this many rows, as evaluate does locally

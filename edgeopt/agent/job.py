@@ -17,8 +17,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from edgeopt.agent import ACCURACY_BATCH
-from edgeopt.measure.latency import measure_models
+from edgeopt.measure.latency import ACCURACY_BATCH, measure_models
 
 
 def run(folder: Path) -> Dict[str, Any]:

@@ -17,26 +17,28 @@ from edgeopt.config.load import (  # noqa: F401
 from edgeopt.config.paths import FROM_CHECKOUT, PROJECT_ROOT, resolve_path, state_dir  # noqa: F401
 from edgeopt.config.quant import AccuracyControlOptions, NNCFOptions, OrtOptions, QuantConfig  # noqa: F401
 from edgeopt.config.schema import (  # noqa: F401
-    ARCHITECTURE_NAMES,
     BASES,
     MAX_IMAGE_SIDE,
     MAX_LIST_ITEMS,
-    AugmentConfig,
     ConstraintsConfig,
     DataConfig,
     DeployConfig,
     DeviceTargetConfig,
-    FitConfig,
-    KDConfig,
     PromotionConfig,
     RegistryConfig,
     RunConfig,
     SelectionConfig,
     SplitConfig,
-    StudentConfig,
     TargetConfig,
-    TeacherConfig,
     TrackingConfig,
-    TrainConfig,
     VariantsConfig,
+)
+from edgeopt.config.training import (  # noqa: F401
+    ARCHITECTURE_NAMES,
+    AugmentConfig,
+    FitConfig,
+    KDConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
 )

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import List, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from edgeopt.config.base import Strict
 
 
-class RecipeOptions(BaseModel):
+class RecipeOptions(Strict):
     """Base of every recipe's options: unknown fields are errors, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class OrtOptions(RecipeOptions):
@@ -61,11 +61,9 @@ class AccuracyControlOptions(RecipeOptions):
     max_iterations: int = Field(20, ge=1, le=1000, description="Most groups of layers reverted to floating point.")
 
 
-class QuantConfig(BaseModel):
+class QuantConfig(Strict):
     """``variants.quant``: the options of every precision recipe, grouped by the tool that applies them;
     each recipe reads the groups it uses (edgeopt.precisions)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     calibration_samples: int = Field(
         200, ge=1, le=100000, description="Calibration images drawn from the train split."

@@ -10,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
+from edgeopt.config.base import Strict
 from edgeopt.config.paths import resolve_path, state_dir
 from edgeopt.config.quant import QuantConfig
+from edgeopt.config.training import StudentConfig, TeacherConfig
 
 # Bounds of what a config may ask for: images larger than this on a side are not what an edge model
 # eats, and one such image alone is gigabytes as float32.
@@ -37,23 +39,12 @@ def _known_precision(name: str, info: ValidationInfo) -> str:
 Scheme = Annotated[str, AfterValidator(_known_precision)]
 
 
-# Names of edgeopt.models.zoo.ARCHITECTURES, listed here so that validating a config imports no torch.
-ARCHITECTURE_NAMES = (
-    "small_cnn", "resnet_small", "resnet18", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
-    "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "squeezenet1_1", "efficientnet_b0",
-)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SplitConfig(_Strict):
+class SplitConfig(Strict):
     val: float = Field(0.15, gt=0, lt=0.5, description="Fraction of the data held out for validation.")
     test: float = Field(0.25, gt=0, lt=0.5, description="Fraction of the data held out for the final test.")
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     source: Literal["digits", "imagefolder"] = Field(
         "digits", description="'digits': scikit-learn's bundled 8x8 digits; 'imagefolder': root/<class>/*.png."
     )
@@ -100,153 +91,10 @@ class DataConfig(_Strict):
         return self
 
 
-class AugmentConfig(_Strict):
-    """What each training image goes through before normalization (torchvision transforms v2, drawn
-    per image). A KD teacher sees the very same views as the student (function matching). Every
-    option is off by default, so ``augment: {}`` trains on the images as they are."""
-
-    random_resized_crop: Optional[float] = Field(
-        None, gt=0, le=1, description="Crop a random region of at least this fraction of the area (aspect 3/4 to "
-                                      "4/3) and resize it back (torchvision's ImageNet recipe: 0.08); null: off.",
-    )
-    hflip: bool = Field(False, description="Mirror half of the images left-right (off where a mirror changes the "
-                                           "class: digits, text).")
-    color_jitter: float = Field(0.0, ge=0, le=1, description="Brightness, contrast and saturation jitter; 0: off.")
-    shift_px: float = Field(0.0, ge=0, le=8, description="Random sub-pixel translation of up to this many pixels "
-                                                         "(border padding): what tiny images bear.")
-
-
-class FitConfig(_Strict):
-    """How a model is trained (the teacher, the student and every KD fine-tune after a shrink): steps
-    with a linear warm-up and a cosine decay, augmentation, evaluation on the val split with early
-    stop, BatchNorm recalibration."""
-
-    epochs: int = Field(10, ge=1, le=1000, description="Passes over the train split (when `steps` is not set).")
-    steps: Optional[int] = Field(
-        None, ge=1, le=10_000_000, description="Optimizer steps; default: epochs x batches per epoch.",
-    )
-    batch_size: int = Field(64, ge=1, le=4096)
-    lr: float = Field(0.01, gt=0, le=10, description="Peak learning rate, reached after the warm-up.")
-    weight_decay: float = Field(5e-4, ge=0, le=1)
-    optimizer: Literal["sgd", "adamw"] = Field(
-        "sgd", description="sgd: momentum 0.9, Nesterov (training from scratch); adamw (fine-tuning pretrained weights).",
-    )
-    warmup: float = Field(
-        0.1, ge=0, lt=1, description="Fraction of the steps over which the learning rate rises linearly to `lr`; "
-                                     "a cosine decay to 0 follows.",
-    )
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the hard-label cross-entropy.")
-    augment: AugmentConfig | Literal["auto"] = Field(
-        "auto", description="'auto': chosen from the data (crops of at least half the area and mirrors for RGB "
-                            "images of 32 pixels a side or more, crops alone for grayscale ones, a 1-pixel shift for "
-                            "digits and smaller images); or the options, e.g. {random_resized_crop: 0.35, hflip: true, "
-                            "color_jitter: 0.2}; {} for none.",
-    )
-    eval_every: Optional[int] = Field(
-        None, ge=1, description="Evaluate on the val split every this many steps; default: once per epoch.",
-    )
-    patience: Optional[int] = Field(
-        None, ge=1, description="Stop after this many evaluations without a better val accuracy; null: run every "
-                                "step. The weights best on val are kept either way.",
-    )
-    bn_recalibration_batches: int = Field(
-        10, ge=0, le=100000, description="Before each evaluation, recompute BatchNorm statistics over this many "
-                                         "un-augmented train batches (MobileNetV3 and EfficientNet need it); 0: off.",
-    )
-
-    @field_validator("augment", mode="before")
-    @classmethod
-    def _auto_or_options(cls, v):
-        if not isinstance(v, (dict, AugmentConfig)) and v != "auto":
-            raise ValueError("expected 'auto' or a mapping of options (random_resized_crop, hflip, color_jitter, "
-                             "shift_px)")
-        return v
-
-
-class TrainConfig(FitConfig):
-    arch: str = Field(description="Architecture name from edgeopt.models.zoo.ARCHITECTURES.")
-    width: int = Field(16, ge=1, le=512, description="Base channel width of the small architectures.")
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, v):
-        if v not in ARCHITECTURE_NAMES:
-            raise ValueError(f"unknown architecture {v!r}; expected one of {', '.join(ARCHITECTURE_NAMES)}")
-        return v
-
-
-class TeacherConfig(TrainConfig):
-    """The model to compress: trained here from scratch (``arch``), or brought by the user as a state dict
-    for ``arch`` (``checkpoint``) or as an ONNX file (``onnx``). It is the reference every variant is
-    compared with, the KD teacher of the student, and a base for variants of its own."""
-
-    arch: Optional[str] = Field(None, description="Architecture name (edgeopt.models.zoo.ARCHITECTURES); "  # type: ignore[assignment]
-                                                  "not needed for an ONNX model.")
-    checkpoint: Optional[Path] = Field(
-        None, description="Load the teacher from this state dict (.pt/.pth, or .safetensors) for `arch` "
-                          "instead of training it.",
-    )
-    onnx: Optional[Path] = Field(None, description="Use this ONNX model (any single-input image classifier, "
-                                                   "fixed or dynamic batch) instead of training one.")
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, v):
-        if v is not None and v not in ARCHITECTURE_NAMES:
-            raise ValueError(f"unknown architecture {v!r}; expected one of {', '.join(ARCHITECTURE_NAMES)}")
-        return v
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if self.checkpoint is not None and self.onnx is not None:
-            raise ValueError("set at most one of teacher.checkpoint and teacher.onnx")
-        if self.arch is None and self.onnx is None:
-            raise ValueError("teacher.arch is required unless teacher.onnx brings the model")
-        for field, suffixes in (("checkpoint", (".pt", ".pth", ".safetensors")), ("onnx", (".onnx",))):
-            path = getattr(self, field)
-            if path is None:
-                continue
-            if path.suffix not in suffixes:
-                raise ValueError(f"teacher.{field}: expected a {'/'.join(suffixes)} file, got {path.name}")
-            if not resolve_path(path).is_file():
-                raise ValueError(f"teacher.{field}: file not found: {path}")
-        return self
-
-    @property
-    def source(self) -> Optional[Path]:
-        return self.checkpoint or self.onnx
-
-
-class KDConfig(_Strict):
-    temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature T (Hinton: 4).")
-    alpha: float = Field(0.9, ge=0, le=1, description="Weight of the KD term; 1-alpha weighs the hard-label CE.")
-
-
-class StudentConfig(TrainConfig):
-    kd: KDConfig = KDConfig()
-    checkpoint: Optional[Path] = Field(
-        None, description="Start from this state dict (.pt/.pth or .safetensors; e.g. ImageNet weights for `arch`): "
-                          "every tensor whose name and shape match is loaded, the rest (a classifier for another "
-                          "number of classes) keeps its fresh initialization.",
-    )
-
-    @field_validator("checkpoint")
-    @classmethod
-    def _checkpoint_file(cls, v):
-        if v is not None and v.suffix not in (".pt", ".pth", ".safetensors"):
-            raise ValueError(f"expected a .pt/.pth/.safetensors file, got {v.name}")
-        if v is not None and not resolve_path(v).is_file():
-            raise ValueError(f"file not found: {v}")
-        return v
-
-
-
-
-
 BASES = ("teacher", "student")
 
 
-class VariantsConfig(_Strict):
+class VariantsConfig(Strict):
     bases: List[Literal["teacher", "student"]] = Field(
         ["teacher", "student"], min_length=1,
         description="Models that variants are made of: 'teacher' (the trained or brought model) and 'student' "
@@ -301,15 +149,14 @@ class VariantsConfig(_Strict):
 
     @field_validator("shrink", mode="before")
     @classmethod
-    def _technique_options(cls, v):
-        from edgeopt.shrink.base import parse_options
-
+    def _technique_options(cls, v, info: ValidationInfo):
         if not isinstance(v, dict):
             raise ValueError("expected a mapping {technique: options}")
-        return parse_options(v)
+        registries = _registries(info)
+        return v if registries is None else registries.techniques(v)
 
 
-class ConstraintsConfig(_Strict):
+class ConstraintsConfig(Strict):
     max_latency_ms: Optional[float] = Field(None, gt=0, description="p50 latency ceiling at the target batch.")
     max_size_mb: Optional[float] = Field(None, gt=0, description="Model file size ceiling (MB, 1e6 bytes).")
     max_accuracy_drop: Optional[float] = Field(
@@ -317,7 +164,7 @@ class ConstraintsConfig(_Strict):
     )
 
 
-class TargetConfig(_Strict):
+class TargetConfig(Strict):
     name: str = Field("cpu-1-thread", min_length=1, description="A name for the device profile.")
     threads: int = Field(1, ge=1, le=256, description="Inference threads (1 = one small edge core).")
     batch: int = Field(1, ge=1, le=1024, description="Batch size for latency.")
@@ -329,7 +176,7 @@ class TargetConfig(_Strict):
     constraints: ConstraintsConfig = ConstraintsConfig()
 
 
-class DeviceTargetConfig(_Strict):
+class DeviceTargetConfig(Strict):
     """A device that measures every variant: an edgeopt agent on it (README 'Devices'), reached over
     HTTP(S). The latency protocol and the constraints are the run's ``target``; each device gets its
     own Pareto front and winner. The first device drives the champion (registry alias) and the
@@ -359,13 +206,13 @@ class DeviceTargetConfig(_Strict):
         return v
 
 
-class SelectionConfig(_Strict):
+class SelectionConfig(Strict):
     objective: Literal["latency", "size", "accuracy"] = Field(
         "latency", description="Among feasible Pareto-optimal variants, the one best at this wins."
     )
 
 
-class PromotionConfig(_Strict):
+class PromotionConfig(Strict):
     """When the run's winner may replace the current champion (re-measured in the same run)."""
 
     max_accuracy_loss: float = Field(
@@ -384,7 +231,7 @@ class PromotionConfig(_Strict):
     )
 
 
-class RegistryConfig(_Strict):
+class RegistryConfig(Strict):
     name: str = Field(
         "edgeopt-model", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="MLflow registered-model name, also the ZenML model name.",
@@ -392,7 +239,7 @@ class RegistryConfig(_Strict):
     alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(Strict):
     uri: Optional[str] = Field(
         None, description="MLflow tracking URI; default: sqlite:///<checkout>/.edgeopt/mlflow.db."
     )
@@ -413,12 +260,12 @@ class TrackingConfig(_Strict):
         return v
 
 
-class DeployConfig(_Strict):
+class DeployConfig(Strict):
     root: Path = Field(Path("deploy"), description="Deploy folder (relative paths are under the checkout).")
     keep: int = Field(5, ge=1, le=1000, description="Bundles kept for rollback.")
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()

@@ -5,27 +5,23 @@ protocol in :mod:`edgeopt.measure.latency`, interleaved across every variant, th
 or trained model in FP32 on the runtime that runs its ONNX file) and the current champion, so every
 latency and every speedup in one evaluation is a same-run comparison.
 
-Where the run names ``targets`` (devices with an agent, :mod:`edgeopt.agent`), the same models go
-to each device as one job, which runs the same protocol there (:func:`edgeopt.measure.latency.measure_models`);
-each device gets an :class:`Evaluation` of its own, with its own champion.
+Where the run names ``targets`` (devices with an agent), :mod:`edgeopt.agent.targets` sends the same
+models to each device as one job, which runs the same protocol there
+(:func:`edgeopt.measure.latency.measure_models`) and is assembled here into an :class:`Evaluation`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 from pydantic import BaseModel
 
-from edgeopt.agent import ACCURACY_BATCH
 from edgeopt.artifacts import Dataset, ModelArtifact
-from edgeopt.config import DeviceTargetConfig, TargetConfig
-from edgeopt.measure.latency import Measured, cpu_fingerprint, int8_warning, measure_models
+from edgeopt.config import TargetConfig
+from edgeopt.measure.latency import ACCURACY_BATCH, Measured, cpu_fingerprint, int8_warning, measure_models
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +91,7 @@ Source = Tuple[ModelArtifact, str]
 Champion = Tuple[ModelArtifact, str, str]
 
 
-def _sources(models: List[ModelArtifact], evaluations: Dict[str, List[str]]) -> Dict[str, Source]:
+def evaluation_sources(models: List[ModelArtifact], evaluations: Dict[str, List[str]]) -> Dict[str, Source]:
     return {variant_name(m, rt): (m, rt) for m in models for rt in evaluations.get(m.variant, [])}
 
 
@@ -104,7 +100,7 @@ def champion_name(champion: Champion) -> str:
     return f"champion-v{version}:{variant_name(model, rt)}"
 
 
-def _assemble(sources: Dict[str, Source], champion: Optional[Champion], measured: Dict[str, Measured],
+def assemble(sources: Dict[str, Source], champion: Optional[Champion], measured: Dict[str, Measured],
               labels: np.ndarray, reference: str, target: TargetConfig, fingerprint: Dict[str, Any],
               refused: Dict[str, str], device: Optional[Dict[str, Any]] = None,
               error: Optional[str] = None) -> Evaluation:
@@ -189,13 +185,13 @@ def _assemble(sources: Dict[str, Source], champion: Optional[Champion], measured
     )
 
 
-def _settings(target: TargetConfig) -> Dict[str, Any]:
+def protocol_settings(target: TargetConfig) -> Dict[str, Any]:
     """The latency protocol's settings, as measure_models takes them (here and in an agent's job)."""
     return {"threads": target.threads, "batch": target.batch, "warmup": target.warmup,
             "iterations": target.iterations, "time_budget_s": target.time_budget_s}
 
 
-def _runnable(sources: Dict[str, Source], champion: Optional[Champion]) -> Dict[str, Source]:
+def runnable(sources: Dict[str, Source], champion: Optional[Champion]) -> Dict[str, Source]:
     run = {name: src for name, src in sources.items() if not src[0].failed}
     if champion is not None:
         run[champion_name(champion)] = (champion[0], champion[2])
@@ -218,112 +214,10 @@ def evaluate_variants(
     ``champion`` (model, registry version, runtime) is the current champion: it is measured in the
     same loop so that the challenger and it are compared on equal terms; it is not a candidate.
     """
-    sources = _sources(models, evaluations)
+    sources = evaluation_sources(models, evaluations)
     x_lat = np.ascontiguousarray(next(dataset.batches("test", target.batch))[0])
     measured = measure_models(
-        {name: (rt, m.model_file) for name, (m, rt) in _runnable(sources, champion).items()},
-        lambda: (x for x, _ in dataset.batches("test", ACCURACY_BATCH)), x_lat, **_settings(target),
+        {name: (rt, m.model_file) for name, (m, rt) in runnable(sources, champion).items()},
+        lambda: (x for x, _ in dataset.batches("test", ACCURACY_BATCH)), x_lat, **protocol_settings(target),
     )
-    return _assemble(sources, champion, measured, dataset.labels("test"), reference, target, cpu_fingerprint(), {})
-
-
-def target_aliases(alias: str, devices: List[DeviceTargetConfig]) -> Dict[str, str]:
-    """The registry alias of each target's champion: the first target's is ``alias`` (it drives the
-    deploy folder), every other one's ``<alias>-<label>``."""
-    return {d.label: alias if i == 0 else f"{alias}-{d.label}" for i, d in enumerate(devices)}
-
-
-def agent_for(device: DeviceTargetConfig):
-    """The client of a target's agent, with the token from its environment variable (one line if unset)."""
-    from edgeopt.agent.client import Agent, AgentError
-    from edgeopt.config import resolve_path
-
-    token = os.environ.get(device.token_env)
-    if not token:
-        raise AgentError(f"the environment variable {device.token_env} (the agent's token) is not set")
-    return Agent(device.url, token, device.timeout_s, resolve_path(device.ca_file) if device.ca_file else None)
-
-
-def preflight_targets(devices: List[DeviceTargetConfig]) -> List[Dict[str, Any]]:
-    """Check that every target's agent answers and takes its token, before any work; returns their
-    /info answers. Raises :class:`edgeopt.agent.client.AgentError` with one line naming the target."""
-    from edgeopt.agent.client import AgentError
-
-    infos = []
-    for d in devices:
-        try:
-            infos.append(agent_for(d).info())
-        except AgentError as err:
-            raise AgentError(f"target {d.label}: {err}" + (f" (${d.token_env})" if "refused the token" in str(err)
-                                                            else "")) from None
-    return infos
-
-
-def evaluate_on_device(
-    models: List[ModelArtifact],
-    evaluations: Dict[str, List[str]],
-    dataset: Dataset,
-    reference: str,
-    target: TargetConfig,
-    device: DeviceTargetConfig,
-    champion: Optional[Champion] = None,
-) -> Evaluation:
-    """As :func:`evaluate_variants`, measured on ``device`` by its agent: one job with every model,
-    the test images and the latency batch. A model the agent cannot take (a runtime it does not
-    offer, over its size cap) fails alone; an agent that does not answer or drops the job fails every
-    model of this device with the reason, and the run goes on."""
-    from edgeopt.agent.client import AgentError, pack_job
-    from edgeopt.agent.client import measured as measured_from
-
-    target = target.model_copy(update={"threads": device.threads or target.threads})
-    sources = _sources(models, evaluations)
-    device_info: Dict[str, Any] = {"url": device.url, "label": device.label}
-    fingerprint: Dict[str, Any] = {"id": "unknown", "cpu": "unknown", "cores": None, "isa": []}
-    measured: Dict[str, Measured] = {}
-    refused: Dict[str, str] = {}
-    error = None
-    try:
-        agent = agent_for(device)
-        about = agent.info()
-        fingerprint = about["fingerprint"]
-        job: Dict[str, Tuple[str, Path, List[Path]]] = {}
-        for name, (m, rt) in _runnable(sources, champion).items():
-            if rt not in about["runtimes"]:
-                refused[name] = f"runtime {rt} is not offered by the agent on {device.label}"
-            elif m.model_bytes > about["max_model_bytes"]:
-                refused[name] = (f"model of {m.model_bytes / 1e6:.2f} MB over the cap of the agent on {device.label} "
-                                 f"({about['max_model_bytes'] / 1e6:.2f} MB)")
-            else:
-                files = [m.path / f for f in m.manifest["files"] if f.startswith("model.")]
-                job[name] = (rt, m.model_file, files)
-        x_lat = np.ascontiguousarray(next(dataset.batches("test", target.batch))[0])
-        with tempfile.TemporaryDirectory(prefix="edgeopt-job-") as tmp:
-            packed = pack_job(Path(tmp) / "job.tar", _settings(target), job,
-                              (x for x, _ in dataset.batches("test", ACCURACY_BATCH)), dataset.size("test"), x_lat)
-            log.info("evaluate: %d models -> %s (%s), %.1f MB", len(job), device.label, device.url,
-                     packed.stat().st_size / 1e6)
-            answer = agent.run(packed)
-        measured = measured_from(answer)
-        device_info.update({"job": answer["job"], "job_s": answer["job_s"], "peak_rss_mb": answer["peak_rss_mb"]})
-    except AgentError as err:
-        error = f"target {device.label}: {err}"
-        log.warning("evaluate: %s", error)
-    return _assemble(sources, champion, measured, dataset.labels("test"), reference, target, fingerprint, refused,
-                     device=device_info, error=error)
-
-
-def evaluate_on_targets(
-    models: List[ModelArtifact],
-    evaluations: Dict[str, List[str]],
-    dataset: Dataset,
-    reference: str,
-    target: TargetConfig,
-    devices: List[DeviceTargetConfig],
-    champions: Dict[str, Optional[Champion]],
-) -> Evaluation:
-    """Every model on every device (one after the other: a device's loop never shares the machine
-    with another's), each with its own champion (``champions``: label -> champion). Returns the first
-    device's evaluation with the others in ``others``."""
-    evs = [evaluate_on_device(models, evaluations, dataset, reference, target, d, champions.get(d.label))
-           for d in devices]
-    return evs[0].model_copy(update={"others": evs[1:]})
+    return assemble(sources, champion, measured, dataset.labels("test"), reference, target, cpu_fingerprint(), {})

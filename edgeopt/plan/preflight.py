@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from edgeopt.config import RunConfig, resolve_path
-from edgeopt.data.load import DataError, check_data
+from edgeopt.data.sources import DataError, check_data
 from edgeopt.models.brought import PretrainedError, expected_input, preflight
 
 TRACKING_TIMEOUT_S = 5.0

@@ -5,7 +5,7 @@ Kubeflow as parallel branches as well as it runs on the local orchestrator."""
 
 from zenml import pipeline
 
-from edgeopt.measure.evaluate import target_aliases
+from edgeopt.agent.targets import target_aliases
 from edgeopt.models.brought import file_sha256
 from edgeopt.plan import parse_config, variant_plan
 from edgeopt_zenml.steps import (

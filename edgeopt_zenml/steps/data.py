@@ -4,7 +4,7 @@ from zenml import step
 
 from edgeopt.artifacts import Dataset
 from edgeopt.config import DataConfig
-from edgeopt.data.load import load_dataset
+from edgeopt.data.sources import load_dataset
 from edgeopt_zenml.materializers import DatasetMaterializer
 
 

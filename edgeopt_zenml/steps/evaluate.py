@@ -4,9 +4,10 @@ from typing import Annotated, Dict, List, Optional
 
 from zenml import step
 
+from edgeopt.agent.targets import evaluate_on_targets, target_aliases
 from edgeopt.artifacts import Dataset, ModelArtifact
 from edgeopt.config import DeviceTargetConfig, TargetConfig
-from edgeopt.measure.evaluate import Evaluation, evaluate_on_targets, evaluate_variants, target_aliases
+from edgeopt.measure.evaluate import Evaluation, evaluate_variants
 from edgeopt.track.runs import fetch_champion
 from edgeopt_zenml.materializers import EvaluationMaterializer
 
