@@ -9,8 +9,7 @@ from edgeopt.config import TargetConfig
 from edgeopt.formats.export import ParityError, check_parity, export_checkpoint
 from edgeopt.measure.evaluate import evaluate_variants
 from edgeopt.models.zoo import count_macs_params, load_checkpoint
-from edgeopt.shrink.channels import prune_channels
-from edgeopt.shrink.prune import PruneOptions
+from edgeopt.shrink.prune import PruneOptions, prune_channels
 from edgeopt.shrink.run import shrink_base
 from edgeopt.train.fit import accuracy, kd_loss
 
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.slow  # trains, prunes and exports models (README: the 
 
 
 def test_data_split_is_stratified_seeded_and_hashed(digits, tiny_config):
-    from edgeopt.data.load import load_dataset
+    from edgeopt.data.sources import load_dataset
 
     sizes = digits.manifest["sizes"]
     assert sum(sizes.values()) == 1797 and sizes["test"] == 450

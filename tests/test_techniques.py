@@ -6,13 +6,12 @@ import torch
 from torch import nn
 
 from edgeopt.formats.export import export_checkpoint
-from edgeopt.models.zoo import count_macs_params, load_checkpoint
-from edgeopt.shrink.channels import IMPORTANCES, output_layers, prune_channels, sparsify
-from edgeopt.shrink.lowrank import LowRankOptions
-from edgeopt.shrink.prune import Prune, PruneOptions
+from edgeopt.models.zoo import apply_lowrank_plan, count_macs_params, load_checkpoint
+from edgeopt.shrink.base import output_layers
+from edgeopt.shrink.lowrank import LowRankOptions, energy_rank, factorize_lowrank
+from edgeopt.shrink.prune import IMPORTANCES, Prune, PruneOptions, prune_channels
 from edgeopt.shrink.run import shrink_base
-from edgeopt.shrink.sparsity import SparsityOptions
-from edgeopt.shrink.svd import apply_lowrank_plan, energy_rank, factorize_lowrank
+from edgeopt.shrink.sparsity import SparsityOptions, sparsify
 from edgeopt.train.fit import accuracy
 
 pytestmark = pytest.mark.slow  # trains and fine-tunes models (README: the inner loop skips them)

@@ -4,17 +4,18 @@
 two small CNNs sized for small inputs (the embedded default) and torchvision's classifiers, built
 with random weights (nothing is downloaded). Checkpoints are state dicts loaded with
 ``weights_only=True``; a pruned model's reduced layer shapes are read back from the weights' own
-shapes, and a low-rank one's factorized layers from the ``lowrank_plan`` in its manifest, so a
-shrunk student reloads into its named architecture without any pickled code. A model brought as ONNX
-is made a torch model by onnx2torch (:func:`graph_module`; ``edgeopt.models.brought`` checks it against
-the file): its checkpoints keep the ONNX graph it was converted from beside the weights.
+shapes, and a low-rank one's factorized layers from the ``lowrank_plan`` in its manifest
+(:func:`apply_lowrank_plan`; ``edgeopt.shrink.lowrank`` makes them), so a shrunk student reloads into
+its named architecture without any pickled code. A model brought as ONNX is made a torch model by
+onnx2torch (:func:`graph_module`; ``edgeopt.models.brought`` checks it against the file): its
+checkpoints keep the ONNX graph it was converted from beside the weights.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, cast
 
 import torch
 from torch import nn
@@ -22,7 +23,6 @@ from torch import nn
 from edgeopt.artifacts import Checkpoint, new_workdir
 from edgeopt.config import ARCHITECTURE_NAMES
 from edgeopt.runtimes.torch import OnnxModule
-from edgeopt.shrink.svd import apply_lowrank_plan
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -218,6 +218,30 @@ def load_checkpoint(ckpt: Checkpoint | Path) -> nn.Module:
     _reshape_to(model, state)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def factor_pair(m: nn.Module, rank: int) -> nn.Sequential:
+    """The two layers that replace a Linear or Conv2d ``m`` factorized at ``rank`` (freshly initialized;
+    ``edgeopt.shrink.lowrank`` fills them): ``Linear(in, r, bias=False)`` then ``Linear(r, out)``, or
+    ``Conv(in, r, k, stride, padding, bias=False)`` then ``Conv(r, out, 1x1)``."""
+    bias = m.bias is not None
+    if isinstance(m, nn.Linear):
+        return nn.Sequential(nn.Linear(m.in_features, rank, bias=False), nn.Linear(rank, m.out_features, bias=bias))
+    conv = cast(nn.Conv2d, m)
+    # torch types a Conv2d's kernel_size, stride, padding, dilation tuple[int, ...], and its arguments 2-tuples
+    return nn.Sequential(
+        nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,  # type: ignore[arg-type]
+                  bias=False, padding_mode=conv.padding_mode),
+        nn.Conv2d(rank, conv.out_channels, 1, bias=bias),
+    )
+
+
+def apply_lowrank_plan(model: nn.Module, plan: Dict[str, int]) -> nn.Module:
+    """Give ``model`` the factorized structure of ``plan`` ``{layer name: rank}`` (what a low-rank
+    checkpoint records), ready to load its weights into."""
+    for name, rank in plan.items():
+        model.set_submodule(name, factor_pair(model.get_submodule(name), rank))
+    return model
 
 
 def _reshape_to(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:

@@ -6,8 +6,9 @@ follows), a one-line recipe a person can read, and ``apply``. Defining the subcl
 so a new technique is one new module (imported by whoever uses it): the config accepts
 ``variants.shrink.<name>``, the variant plan builds its variants, and ``edgeopt.shrink.run`` runs it.
 
-Modules here import torch only inside ``apply``: the config imports them to validate options in
-well under a second.
+Each technique's module also holds its algorithm on torch models, usable alone from a notebook
+(``prune.prune_channels``, ``lowrank.factorize_lowrank``, ``sparsity.sparsify``). Modules here import
+torch only inside functions: the config imports them to validate options in well under a second.
 """
 
 # The built-in techniques register themselves on import.

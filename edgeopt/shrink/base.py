@@ -81,6 +81,17 @@ class Technique(ABC):
         """Change ``model`` in place (before the KD fine-tune)."""
 
 
+def output_layers(model: "nn.Module", num_classes: int) -> List["nn.Module"]:
+    """The classifier layers (Linear or Conv2d with ``num_classes`` outputs): never shrunk."""
+    from torch import nn
+
+    return [
+        m for m in model.modules()
+        if (isinstance(m, nn.Linear) and m.out_features == num_classes)
+        or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)
+    ]
+
+
 def get(name: str) -> Technique:
     if name not in REGISTRY:
         raise ValueError(f"unknown technique {name!r}; expected one of {', '.join(sorted(REGISTRY))}")

@@ -1,22 +1,37 @@
 """Structured channel pruning (torch-pruning, DepGraph): whole channels go, so the model is
 physically smaller and faster. Coupled channels (residual adds, depthwise convs) go together; the
-classifier's outputs are never pruned."""
+classifier's outputs are never pruned. :func:`prune_channels` is usable alone from a notebook::
+
+    prune_channels(model, (3, 224, 224), num_classes=10, ratio=0.5, importance="l2")
+"""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import itertools
+import logging
+from typing import TYPE_CHECKING, List, Literal, Optional, Sequence, Tuple, get_args
 
 from pydantic import Field
 
-from edgeopt.shrink.base import Applied, ShrinkContext, Technique, TechniqueOptions
+from edgeopt.shrink.base import Applied, ShrinkContext, Technique, TechniqueOptions, output_layers
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from edgeopt.artifacts import Dataset
+
+log = logging.getLogger(__name__)
+
+Importance = Literal["l1", "l2", "taylor", "bn_scale", "fpgm", "random"]
+IMPORTANCES = get_args(Importance)  # torch-pruning's importances
+TAYLOR_BATCHES, TAYLOR_BATCH_SIZE = 4, 64  # train batches whose gradients score channels for ``taylor``
 
 
 class PruneOptions(TechniqueOptions):
     """``amounts``: fractions of the channels to remove in every prunable layer group."""
 
-    importance: Literal["l1", "l2", "taylor", "bn_scale", "fpgm", "random"] = Field(
-        "l2", description="Channel importance criterion (torch-pruning importances).",
-    )
+    importance: Importance = Field("l2", description="Channel importance criterion (torch-pruning importances).")
     global_pruning: bool = Field(False, description="Rank channels across all layers instead of per layer.")
     iterative_steps: int = Field(1, ge=1, le=100, description="Reach the ratio in this many pruning steps.")
     round_to: Optional[int] = Field(
@@ -41,11 +56,95 @@ class Prune(Technique):
                 f"step(s){rounded})")
 
     def apply(self, model, amount: float, opts: PruneOptions, ctx: ShrinkContext) -> Applied:  # type: ignore[override]
-        from edgeopt.shrink.channels import prune_channels, taylor_batches
-
         prune_channels(model, ctx.input_shape, ctx.num_classes, amount, opts.importance,
                        global_pruning=opts.global_pruning, iterative_steps=opts.iterative_steps,
                        round_to=opts.round_to,
                        gradient_batches=taylor_batches(ctx.dataset, ctx.seed) if opts.importance == "taylor" else None)
         return {"prune_ratio": amount, "importance": opts.importance, "global_pruning": opts.global_pruning,
                 "iterative_steps": opts.iterative_steps, "round_to": opts.round_to}, None
+
+
+def _importance(name: str):
+    import torch_pruning as tp
+
+    imp = tp.importance
+    builders = {
+        "l1": lambda: imp.MagnitudeImportance(p=1), "l2": lambda: imp.MagnitudeImportance(p=2),
+        "taylor": imp.TaylorImportance, "bn_scale": imp.BNScaleImportance, "fpgm": imp.FPGMImportance,
+        "random": imp.RandomImportance,
+    }
+    if name not in builders:
+        raise ValueError(f"unknown channel importance {name!r}; expected one of {', '.join(IMPORTANCES)}")
+    return builders[name]()
+
+
+def _accumulate_gradients(model: nn.Module, batches: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Fresh gradients of the cross-entropy over ``batches`` (what Taylor importance scores), in eval
+    mode so that BatchNorm statistics stay as they are."""
+    import torch.nn.functional as F
+
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    for x, y in batches:
+        F.cross_entropy(model(x), y).backward()
+
+
+def prune_channels(model: nn.Module, input_shape, num_classes: int, ratio: float, importance: str = "l2", *,
+                   global_pruning: bool = False, iterative_steps: int = 1, round_to: Optional[int] = None,
+                   gradient_batches: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None) -> nn.Module:
+    """Remove ``ratio`` of the channels of every prunable layer group, in place; returns the model.
+
+    ``importance`` is one of l1, l2, taylor, bn_scale, fpgm, random; ``taylor`` needs
+    ``gradient_batches`` ((images, labels) tensors), scored again before each of the
+    ``iterative_steps`` steps. ``global_pruning`` ranks channels across all layers. ``round_to``
+    keeps a multiple of that many channels in each pruned layer (torch-pruning rounds the count left
+    down, and leaves a layer whole rather than empty).
+    """
+    if not 0 <= ratio < 1:
+        raise ValueError(f"prune ratio must be in [0, 1), got {ratio}")
+    if iterative_steps < 1:
+        raise ValueError(f"iterative_steps must be at least 1, got {iterative_steps}")
+    imp = _importance(importance)
+    if importance == "taylor" and not gradient_batches:
+        raise ValueError("taylor importance needs gradient_batches: (images, labels) to score channels with")
+    if ratio == 0:
+        return model
+    import torch
+    import torch_pruning as tp
+
+    from edgeopt.models.zoo import count_macs_params
+
+    model.eval()  # tracing the graph must not update BatchNorm statistics
+    pruner = tp.pruner.MetaPruner(
+        model, torch.zeros(1, *input_shape), importance=imp, pruning_ratio=ratio, global_pruning=global_pruning,
+        iterative_steps=iterative_steps, ignored_layers=output_layers(model, num_classes), round_to=round_to,
+    )
+    before = count_macs_params(model, input_shape)
+    for _ in range(iterative_steps):
+        if importance == "taylor":
+            _accumulate_gradients(model, gradient_batches)
+        pruner.step()
+    model.zero_grad(set_to_none=True)
+    after = count_macs_params(model, input_shape)
+    log.info(
+        "prune: ratio=%.2f importance=%s global=%s steps=%d MACs %s->%s params %s->%s", ratio, importance,
+        global_pruning, iterative_steps, _si(before[0]), _si(after[0]), _si(before[1]), _si(after[1]),
+    )
+    return model
+
+
+def _si(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def taylor_batches(dataset: Dataset, seed: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """A few shuffled train batches whose gradients score channels for ``taylor`` importance."""
+    import numpy as np
+    import torch
+
+    batches = dataset.batches("train", TAYLOR_BATCH_SIZE, shuffle=True, seed=seed)
+    return [(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y)))
+            for x, y in itertools.islice(batches, TAYLOR_BATCHES)]
