@@ -12,6 +12,7 @@ from typing import Any, Dict, List
 
 from edgeopt import formats, precisions
 from edgeopt.config import RunConfig, read_config, validate_config
+from edgeopt.measure.latency import cpu_info
 from edgeopt.plan.variants import variant_plan
 from edgeopt.runtimes import RUNTIMES
 from edgeopt.shrink.base import TechniqueOptions, parse_options
@@ -21,8 +22,18 @@ class Registries:
     """What the schema's validators ask when this module validates a config; each raises ValueError."""
 
     def precision(self, name: str) -> None:
-        if name != precisions.IDENTITY:
-            precisions.get(name)
+        """Known, and where it computes in a precision of the CPU's own (bf16, fp16-native), this
+        CPU has one of the flags it needs (``Precision.cpu_flags``)."""
+        if name == precisions.IDENTITY:
+            return
+        needs = precisions.get(name).cpu_flags
+        if not needs:
+            return
+        model, flags = cpu_info()
+        if not flags & set(needs):
+            has = {1: "lacks it", 2: "has neither"}.get(len(needs), "has none of them")
+            why = f"this CPU ({model}) {has}" if flags else "this CPU's flags cannot be read (/proc/cpuinfo)"
+            raise ValueError(f"{name} needs a CPU with {' or '.join(needs)}; {why}")
 
     def formats(self, names: List[str]) -> None:
         for f in names:

@@ -1,4 +1,4 @@
-"""Precision recipes: what turns an exported FP32 model file into its FP16 or INT8 variant.
+"""Precision recipes: what turns an exported FP32 model file into its FP16, bf16 or INT8 variant.
 
 Each recipe is one module with a :class:`Precision` subclass: its name, its options schema (a
 pydantic model of light imports, composed into the run config's ``variants.quant``), its
@@ -9,11 +9,17 @@ a person can read). Defining the subclass registers it, so a new recipe is one n
 ============  ==============================================  ==============================================
 precision     onnx                                            openvino (IR)
 ============  ==============================================  ==============================================
-fp16          onnxruntime float16 converter (float32 I/O)     FP16 weight compression
+fp16          onnxruntime float16 converter (float32 I/O)     FP16 weight compression (computed in f32)
+bf16          (none: the hint is OpenVINO's)                  FP32 weights, compiled in bf16 (AVX512_BF16/AMX)
+fp16-native   (none)                                          FP32 weights, compiled in f16 (AVX512_FP16/AMX-FP16)
 int8          ONNX Runtime static QDQ (U8S8 on x86)           NNCF post-training quantization
+int8-bf16     (none)                                          int8's NNCF IR, float layers in bf16 (AVX512_BF16/AMX)
 int8-dynamic  ONNX Runtime dynamic INT8 of MatMul              (none: an ONNX Runtime technique)
 int8-acc      NNCF accuracy control, ONNX backend             NNCF accuracy control, OpenVINO backend
 ============  ==============================================  ==============================================
+
+bf16, fp16-native and int8-bf16 carry their precision in the IR (``native.py``); ``validate`` refuses
+them on a CPU without the flags they name (``Precision.cpu_flags``).
 
 The modules import onnx, ONNX Runtime, OpenVINO and NNCF inside their functions only, so the
 config validates ``variants.quant`` without them. Usable from a notebook, on artifacts or on files::
@@ -25,7 +31,7 @@ config validates ``variants.quant`` without them. Usable from a notebook, on art
 """
 
 # The built-in recipes register themselves on import.
-from edgeopt.precisions import fp16, int8, int8_acc, int8_dynamic  # noqa: E402,F401,I001
+from edgeopt.precisions import fp16, int8, int8_acc, int8_dynamic, native  # noqa: E402,F401,I001
 from edgeopt.precisions.base import (  # noqa: F401  (the package's interface)
     IDENTITY,
     REGISTRY,

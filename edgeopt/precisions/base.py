@@ -69,6 +69,9 @@ class Precision(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = RecipeOptions
     implementations: ClassVar[Dict[str, Apply]]  # format name -> the function that applies it
+    # The CPU must have one of these /proc/cpuinfo flags for the recipe to compute as it says (bf16:
+    # avx512_bf16 or amx_bf16); empty: any CPU. ``validate`` refuses it elsewhere (edgeopt.plan.check).
+    cpu_flags: ClassVar[Tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
