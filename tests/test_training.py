@@ -25,6 +25,7 @@ from edgeopt.train.fit import (
     load_matching_weights,
     recalibrate_bn,
     resolve_augment,
+    resolve_device,
     split_accuracy,
     warmup_cosine,
 )
@@ -170,6 +171,22 @@ def test_steps_set_the_run_length_and_early_stop_keeps_the_best_weights(digits):
     hist = fit(frozen, digits, FitConfig(steps=500, batch_size=32, eval_every=5, lr=1e-9, patience=3), seed=0)
     assert hist["stopped_early"] and hist["steps"] == 20 and hist["step"] == [5, 10, 15, 20]
     assert hist["best_step"] == 20  # a tie goes to the later weights
+
+
+def test_training_runs_on_cuda_when_torch_sees_one_else_on_the_cpu(digits, monkeypatch):
+    has_cuda = torch.cuda.is_available()
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if has_cuda else "cpu")
+    if not has_cuda:
+        with pytest.raises(ValueError, match="device: cuda asked for, but torch sees no CUDA device"):
+            resolve_device("cuda")
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 1, 4)
+    hist = fit(model, digits, FitConfig(steps=5, batch_size=32), seed=0)
+    assert hist["device"] == ("cuda" if has_cuda else "cpu")
+    assert all(p.device.type == "cpu" for p in model.parameters())  # saved and exported from the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda" and resolve_device("cpu").type == "cpu"
 
 
 def test_batchnorm_recalibration_makes_eval_mode_follow_train_mode(shapes):

@@ -71,6 +71,10 @@ class FitConfig(Strict):
         10, ge=0, le=100000, description="Before each evaluation, recompute BatchNorm statistics over this many "
                                          "un-augmented train batches (MobileNetV3 and EfficientNet need it); 0: off.",
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where training, KD and fine-tunes run: auto (CUDA when torch sees a GPU, else the CPU), "
+                            "cpu, or cuda (refused where there is none). Models are saved and exported from the CPU.",
+    )
 
     @field_validator("augment", mode="before")
     @classmethod

@@ -24,7 +24,7 @@ import logging
 import math
 import random
 import time
-from typing import Dict, Iterable, Iterator, Literal, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -125,6 +125,26 @@ class Augmenter:
         return random_shift(x, self.shift_px) if self.shift_px else x
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when torch sees a GPU, else the CPU; ``cuda`` where there is none is a ValueError."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda asked for, but torch sees no CUDA device (use auto or cpu)")
+    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+def _on(module: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` as a function of tensors on ``device``: moved there when it has weights; a module that has
+    none (a brought ONNX teacher run by ONNX Runtime) is fed on the CPU and its outputs moved."""
+    if any(True for _ in module.parameters()):
+        module.to(device)
+        return module
+    return lambda x: module(x.cpu()).to(device)
+
+
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Iterable[Tuple[np.ndarray, np.ndarray]]) -> int:
     """Recompute every BatchNorm's running mean and variance as the plain average over ``batches``
@@ -142,9 +162,9 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Tuple[np.ndarray, np.ndar
         m.reset_running_stats()
         m.momentum = None
     model.train()
-    seen = 0
+    seen, device = 0, _device_of(model)
     for x, _ in batches:
-        model(torch.from_numpy(np.ascontiguousarray(x)))
+        model(torch.from_numpy(np.ascontiguousarray(x)).to(device))
         seen += 1
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -168,7 +188,8 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 def split_accuracy(model: nn.Module, dataset: Dataset, split: str, batch_size: int = 64) -> float:
     """Eval-mode accuracy on a split of ``dataset``, streamed a batch at a time."""
     model.eval()
-    hits = sum(int((model(torch.from_numpy(x)).argmax(1).numpy() == y).sum())
+    device = _device_of(model)
+    hits = sum(int((model(torch.from_numpy(x).to(device)).argmax(1).cpu().numpy() == y).sum())
                for x, y in dataset.batches(split, batch_size))
     return hits / dataset.size(split)
 
@@ -225,11 +246,16 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
     that outputs probabilities (``teacher_output``) gets their log taken: log-probabilities are
     logits up to a constant, which the temperature softmax ignores.
 
+    Training runs on ``cfg.device`` (``auto``: CUDA when there is one); the model is back on the CPU when
+    this returns.
+
     Returns the history: per evaluation the step, the mean train loss since the last one and the val
     accuracy (the curve); the best val accuracy and its step; whether early stop ended the run;
-    the chance level and whether the model learned (``chance_level``); the augmentation used.
+    the chance level and whether the model learned (``chance_level``); the augmentation used; the device.
     """
     seed_everything(seed)
+    device = resolve_device(cfg.device)
+    model.to(device)
     augment = resolve_augment(cfg.augment, dataset)
     augmenter = Augmenter(augment, dataset)
     steps_per_epoch = math.ceil(dataset.size("train") / cfg.batch_size)
@@ -240,8 +266,9 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
     chance, learned_above = chance_level(dataset.labels("val"))
     if teacher is not None:
         teacher.eval()
-    log.info("%s: %d steps of %d images (%.1f epochs), %s lr %g, augment %s", desc, steps, cfg.batch_size,
-             steps / steps_per_epoch, cfg.optimizer, cfg.lr,
+        teach = _on(teacher, device)
+    log.info("%s: %d steps of %d images (%.1f epochs) on %s, %s lr %g, augment %s", desc, steps, cfg.batch_size,
+             steps / steps_per_epoch, device.type, cfg.optimizer, cfg.lr,
              augment.model_dump(exclude_defaults=True) or "none")
 
     history: Dict = {"step": [], "loss": [], "val_acc": []}
@@ -252,13 +279,13 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
     model.train()
     bar = tqdm(total=steps, desc=desc, unit="step", mininterval=1.0)
     for step, (raw, labels) in enumerate(train_batches(dataset, cfg.batch_size, seed), start=1):
-        x, y = augmenter(raw), torch.from_numpy(labels)
+        x, y = augmenter(raw).to(device), torch.from_numpy(labels).to(device)
         logits = model(x)
         if teacher is None:
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         else:
             with torch.no_grad():
-                t_out = teacher(x)
+                t_out = teach(x)
             t_logits = t_out.clamp_min(1e-12).log() if teacher_output == "probabilities" else t_out
             loss = kd_loss(logits, t_logits, y, kd.temperature, kd.alpha, cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -287,9 +314,11 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
             model.train()
     bar.close()
     model.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()
+    if teacher is not None:
+        teacher.cpu()
     history.update(best_val_acc=best_acc, best_step=best_step, steps=step, stopped_early=step < steps,
-                   chance=chance, learned=best_acc >= learned_above, augment=augment.model_dump())
+                   chance=chance, learned=best_acc >= learned_above, augment=augment.model_dump(), device=device.type)
     log.info("%s: %d steps in %.0f s%s, best val acc %.4f at step %d (chance %.4f)%s", desc, step,
              time.perf_counter() - start, f" (early stop: no gain in {cfg.patience} evaluations)"
              if history["stopped_early"] else "", best_acc, best_step, chance,
