@@ -21,6 +21,7 @@ from torch import nn
 
 from edgeopt import formats
 from edgeopt.artifacts import Checkpoint, Dataset, ModelArtifact, model_or_failure, new_workdir
+from edgeopt.models.converted import traceable
 from edgeopt.models.zoo import load_checkpoint
 from edgeopt.runtimes import make_predictor
 
@@ -39,7 +40,7 @@ def export_onnx(model: nn.Module, input_shape, path: Path) -> Path:
     """torch.export-based ONNX export with a dynamic batch axis; weights embedded in the one file."""
     model.eval()
     example = torch.zeros(1, *input_shape)
-    with warnings.catch_warnings():
+    with traceable(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model, (example,), None, dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -85,7 +86,8 @@ def export_checkpoint(ckpt: Checkpoint, fmt: str, dataset: Dataset, variant: str
         model = load_checkpoint(ckpt)
         out = new_workdir(variant)
         if f.source == "torch":
-            model_file = f.from_torch(model, m["input_shape"], out)
+            with traceable(model):  # a converted model's shape constants as torch.export reads them
+                model_file = f.from_torch(model, m["input_shape"], out)
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 model_file = f.from_onnx(checkpoint_onnx(ckpt, model, Path(tmp) / "model.onnx"), out)

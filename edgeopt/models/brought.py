@@ -8,11 +8,13 @@ naming the file and the reason. Whether it outputs logits or probabilities is de
 images and recorded, so that KD, evaluation, reports and serving treat it right.
 
 For the structural recipes (pruning, low-rank, sparsity), an ONNX model becomes a torch model
-(:func:`torch_from_onnx`): ONNX Runtime's basic graph optimizations fold what the input shape fixes
-(e.g. TF "same" padding computed from the image size), a final Softmax is set aside so the torch
-model gives logits, onnx2torch converts the graph, and the converted model's outputs are checked
-against the file's own on validation images, several at once; a conversion that does not match is
-refused in one line with the measured difference.
+(:func:`torch_from_onnx`): ONNX Runtime's basic graph optimizations fold the graph for its own batch
+and the data's image size (every shape computed at run time, e.g. TF "same" padding, becomes a
+constant), a final Softmax is set aside so the torch model gives logits, the batch is made a symbol
+again and the operators put in forms onnx2torch takes (``edgeopt.models.onnx_graph``), onnx2torch
+converts the graph, and the converted model's outputs are checked against the file's own on
+validation images, one at a time and several at once. A node that cannot be converted or run is
+named, and a conversion that does not match is refused with the measured difference, in one line.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -128,7 +130,7 @@ def expected_input(data: DataConfig) -> tuple[List[Optional[int]], Optional[int]
     if data.source == "digits":
         h, w = data.image_size or (8, 8)
         return [1, h, w], 10
-    from edgeopt.data.load import class_folders
+    from edgeopt.data.sources import class_folders
 
     assert data.root is not None  # the config requires it for an ImageFolder
     size: tuple[Optional[int], Optional[int]] = data.image_size or (None, None)
@@ -151,7 +153,7 @@ def output_kind(outputs: np.ndarray) -> str:
     return "logits"
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else 'no message'}"
 
@@ -167,7 +169,7 @@ def _read_state_dict(path: Path) -> Dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - whatever the loader says, the file is not a state dict
-        raise PretrainedError(f"{path}: not a loadable state dict ({_first_line(err)})") from None
+        raise PretrainedError(f"{path}: not a loadable state dict ({first_line(err)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # a training checkpoint: {"state_dict": ..., "epoch": ...}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -211,7 +213,7 @@ def _ort_session(path: Path, what: str, options, named: Path):
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - what ORT says is the reason
-        raise PretrainedError(f"{named}: ONNX Runtime cannot {what} ({_first_line(err)})") from None
+        raise PretrainedError(f"{named}: ONNX Runtime cannot {what} ({first_line(err)})") from None
 
 
 def _run_file(model_file: Path, x: np.ndarray, named: Path) -> np.ndarray:
@@ -222,7 +224,7 @@ def _run_file(model_file: Path, x: np.ndarray, named: Path) -> np.ndarray:
     try:
         return OrtPredictor(model_file, 0).predict_batched(x)
     except Exception as err:  # noqa: BLE001 - what ORT says is the reason
-        raise PretrainedError(f"{named}: ONNX Runtime cannot run it ({_first_line(err)})") from None
+        raise PretrainedError(f"{named}: ONNX Runtime cannot run it ({first_line(err)})") from None
 
 
 def _copy_model(path: Path, dst: Path) -> Path:
@@ -276,24 +278,31 @@ class Converted:
     graph: Path  # the ONNX graph it was converted from (folded; logits out), kept with every checkpoint of it
     max_abs_diff: float  # over the outputs of ``images`` validation images, against the file's own
     images: int
+    batches: Tuple[int, ...] = ()  # the batch sizes it was run at for that check
 
     def describe(self) -> Dict[str, Any]:
         return {"converter": "onnx2torch", "max_abs_diff": self.max_abs_diff, "images": self.images,
-                "atol": CONVERSION_ATOL}
+                "batches": list(self.batches), "atol": CONVERSION_ATOL}
 
 
-def _fold_for_torch(path: Path, folded: Path, output: str, named: Path) -> Any:
-    """The graph as ONNX Runtime's basic optimizations leave it (constants folded for the declared input
-    shape, standard operators only), a final Softmax set aside when the model outputs probabilities."""
+def _fold_for_torch(path: Path, tmp: Path, output: str, named: Path, input_shape: Sequence[int], batch: int) -> Any:
+    """The graph as ONNX Runtime's basic optimizations leave it for an input of [batch, *input_shape]: every
+    shape computation folded into constants (e.g. TF "same" padding computed from the image size), standard
+    operators only; a final Softmax set aside when the model outputs probabilities."""
     import onnx
     import onnxruntime as ort
 
+    from edgeopt.models.onnx_graph import graph_input, set_dims
+
+    m = onnx.load(str(path))
+    set_dims(graph_input(m), [batch, *input_shape])
+    onnx.save(m, str(tmp / "fixed.onnx"))
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.optimized_model_filepath = str(folded)
+    so.optimized_model_filepath = str(tmp / "folded.onnx")
     so.log_severity_level = 3
-    _ort_session(path, "optimize it for the torch conversion", so, named)
-    m = onnx.load(str(folded))
+    _ort_session(tmp / "fixed.onnx", "optimize it for the torch conversion", so, named)
+    m = onnx.load(str(tmp / "folded.onnx"))
     if output == "probabilities":
         out = m.graph.output[0]
         last = next((n for n in m.graph.node if out.name in n.output), None)
@@ -307,40 +316,82 @@ def _fold_for_torch(path: Path, folded: Path, output: str, named: Path) -> Any:
     return m
 
 
-def torch_from_onnx(path: Path, dataset: Dataset, output: str = "logits", atol: float = CONVERSION_ATOL,
-                    source: Optional[Path] = None) -> Converted:
-    """The brought ONNX model at ``path`` as a torch model giving logits, checked against the file on
-    validation images of ``dataset``; PretrainedError (one line naming ``source``, the user's file, or
-    else ``path``, with the difference) if it does not match."""
-    import onnx
-    import torch
+REFUSED = "structural recipes need a torch model (bring a state dict for `arch`)"
 
+
+def _convert(m: Any, batch: int, named: Path) -> "nn.Module":
+    """onnx2torch's torch model of the folded graph ``m``, once its batch is a symbol again and its operators
+    are in forms onnx2torch takes (``edgeopt.models.onnx_graph``); a node that cannot be made so, or that
+    onnx2torch cannot convert, is named in a one-line PretrainedError."""
+    from edgeopt.models import onnx_graph
+    from edgeopt.models.converted import unconvertible
     from edgeopt.models.zoo import graph_module
 
-    path = resolve_path(path)
-    named = Path(source) if source else path
-    graph = new_workdir("converted") / "graph.onnx"
-    with tempfile.TemporaryDirectory() as tmp:
-        m = _fold_for_torch(path, Path(tmp) / "folded.onnx", output, named)
-    onnx.save(m, str(graph))
     try:
-        model = graph_module(m).eval()
+        onnx_graph.to_torch_opset(m)
+        changed = onnx_graph.dynamic_batch(m, batch)
+        onnx_graph.torch_friendly(m)
+    except onnx_graph.GraphError as err:
+        raise PretrainedError(f"{named}: cannot be made convertible: {err}; {REFUSED}") from None
+    if changed:
+        log.info("%s: its fixed batch of %d made dynamic (%d shape constant(s) rewritten)", named.name, batch, changed)
+    try:
+        return graph_module(m).eval()
     except Exception as err:  # noqa: BLE001 - an operator or pattern onnx2torch does not take
-        raise PretrainedError(f"{named}: onnx2torch cannot convert it to torch ({_first_line(err)}); structural "
-                              f"recipes need a torch model (bring a state dict for `arch`)") from None
-    x = next(dataset.batches("val", CONVERSION_IMAGES))[0]
-    want = _run_file(path, x, named)
+        failed = unconvertible(m)
+        at = f" node '{failed[0]}' ({failed[1]})" if failed else ""
+        raise PretrainedError(f"{named}: onnx2torch cannot convert{at} ({first_line(failed[2] if failed else err)}); "
+                              f"{REFUSED}") from None
+
+
+def _run_converted(model: "nn.Module", m: Any, x: np.ndarray, output: str, named: Path) -> np.ndarray:
+    """The converted model's outputs on ``x`` (probabilities where the file gives them); a failure names the
+    node where it happens."""
+    import torch
+
+    from edgeopt.models.converted import failing_node, onnx2torch_nodes
+
     try:
         with torch.inference_mode():
             got = model(torch.from_numpy(x))
-            got = (torch.softmax(got, 1) if output == "probabilities" else got).numpy()
+            return (torch.softmax(got, 1) if output == "probabilities" else got).numpy()
     except Exception as err:  # noqa: BLE001 - e.g. a shape the graph fixed at another batch size
-        raise PretrainedError(f"{named}: its torch conversion cannot run a batch of {len(x)} images "
-                              f"({_first_line(err)})") from None
-    diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
-    if not diff <= atol:
-        raise PretrainedError(f"{named}: its torch conversion differs from the file by {diff:.2e} (> {atol:.0e}) "
-                              f"in the outputs of {len(x)} validation images; structural recipes are refused")
-    log.info("torch conversion of %s (onnx2torch): max |torch - ONNX| %.1e on %d validation images", named.name, diff,
-             len(x))
-    return Converted(model, graph, diff, len(x))
+        failed = failing_node(model, torch.from_numpy(x))
+        at = f" at node '{failed[0]}' ({onnx2torch_nodes(m).get(failed[0], '?')})" if failed else ""
+        raise PretrainedError(f"{named}: its torch conversion cannot run a batch of {len(x)} images{at} "
+                              f"({first_line(failed[1] if failed else err)})") from None
+
+
+def torch_from_onnx(path: Path, dataset: Dataset, output: str = "logits", atol: float = CONVERSION_ATOL,
+                    source: Optional[Path] = None) -> Converted:
+    """The brought ONNX model at ``path`` as a torch model giving logits for any batch, checked against the
+    file (one image at a time where its batch is fixed) on validation images of ``dataset``, at batch 1
+    and at batch ``CONVERSION_IMAGES``; PretrainedError (one line naming ``source``, the user's file, or
+    else ``path``, with the node or the difference) if it does not match."""
+    import onnx
+
+    from edgeopt.models.onnx_graph import graph_input
+
+    path = resolve_path(path)
+    named = Path(source) if source else path
+    dims = _dims(graph_input(onnx.load(str(path), load_external_data=False)))
+    batch = dims[0] if isinstance(dims[0], int) and dims[0] > 0 else 1
+    graph = new_workdir("converted") / "graph.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        m = _fold_for_torch(path, Path(tmp), output, named, dataset.input_shape, batch)
+    model = _convert(m, batch, named)
+    onnx.save(m, str(graph))
+    x = next(dataset.batches("val", CONVERSION_IMAGES))[0]
+    want = _run_file(path, x, named)
+    diff = 0.0
+    for rows in (x[:1], x):
+        got = _run_converted(model, m, rows, output, named)
+        diff = max(diff, float(np.abs(got - want[:len(rows)]).max()) if got.shape == (len(rows), *want.shape[1:])
+                   else float("inf"))
+        if not diff <= atol:
+            raise PretrainedError(f"{named}: its torch conversion differs from the file by {diff:.2e} (> {atol:.0e}) "
+                                  f"in the outputs of {len(rows)} validation image{'s' if len(rows) > 1 else ''}; "
+                                  f"structural recipes are refused")
+    log.info("torch conversion of %s (onnx2torch): max |torch - ONNX| %.1e on %d validation images, at batch 1 and "
+             "%d", named.name, diff, len(x), len(x))
+    return Converted(model, graph, diff, len(x), (1, len(x)))

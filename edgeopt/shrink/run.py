@@ -1,11 +1,12 @@
 """Shrink a base model with one structural technique, then recover its accuracy by KD.
 
 The same sequence for every technique (``edgeopt.shrink.base``): load the base, ``apply`` the
-technique, fine-tune with knowledge distillation from the KD teacher (for a distilled student, the
-teacher; for the teacher or a brought model, the original model itself), run the technique's
-after-fine-tune hook, save. A base brought as ONNX is shrunk as its torch conversion, checked
-against the file first (``edgeopt.models.brought.torch_from_onnx``); a conversion that is refused leaves
-its variants unbuilt, with the refusal as their reason. Usable from a notebook::
+technique, export the changed model to ONNX once (a model that does not export is refused here, in
+seconds, not after its fine-tune), fine-tune with knowledge distillation from the KD teacher (for a
+distilled student, the teacher; for the teacher or a brought model, the original model itself), run
+the technique's after-fine-tune hook, save. A base brought as ONNX is shrunk as its torch conversion,
+checked against the file first (``edgeopt.models.brought.torch_from_onnx``); a conversion that is
+refused leaves its variants unbuilt, with the refusal as their reason. Usable from a notebook::
 
     shrunk = shrink_base(student, teacher, dataset, "prune", 0.5, PruneOptions(amounts=[0.5]))
 """
@@ -14,15 +15,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
+import tempfile
 from functools import partial
-from typing import Any, Dict, List
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from edgeopt.artifacts import Checkpoint, Dataset, new_workdir
 from edgeopt.config import FitConfig, KDConfig
-from edgeopt.models.brought import PretrainedError, torch_from_onnx
+from edgeopt.formats.export import export_onnx
+from edgeopt.models.brought import PretrainedError, first_line, torch_from_onnx
 from edgeopt.models.zoo import (
     CONVERTED,
     add_batchnorm,
@@ -52,6 +57,29 @@ def finetune_config(train_config: dict, opts: TechniqueOptions) -> FitConfig:
                                      "lr": opts.lr})
 
 
+def export_refusal(model: torch.nn.Module, input_shape) -> Optional[str]:
+    """Why ``model`` (as a technique changed it) does not export to ONNX, or None when it does: the
+    same export its variants get, tried once before any fine-tune is spent on it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            export_onnx(model, input_shape, Path(tmp) / "model.onnx")
+        except Exception as err:  # noqa: BLE001 - whatever stops the export is the reason
+            return f"the changed model does not export to ONNX ({_export_error(err)}); found before its fine-tune"
+    return None
+
+
+def _export_error(err: BaseException) -> str:
+    """One line of what stopped torch.onnx.export: torch.export's own summary of the cause (and the node
+    it was executing) where it gives one, else the error's first line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    if "## Exception summary" not in text:
+        return first_line(err)
+    lines = [line.strip() for line in text.split("## Exception summary", 1)[1].splitlines() if line.strip()]
+    cause = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>", r"\1", lines[0])[:200] if lines else "no message"
+    node = next((re.search(r"target=([^\]]+)\]", line) for line in lines if line.startswith("While executing")), None)
+    return f"{type(err).__name__}: {cause}" + (f" at node '{node.group(1)}'" if node else "")
+
+
 def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, technique: str, amount: float,
                 opts: TechniqueOptions, seed: int = 0) -> Checkpoint:
     """``technique`` at ``amount`` on ``base``, KD fine-tuned from ``kd_teacher``; the Checkpoint records
@@ -64,9 +92,12 @@ def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, tech
     info: Dict[str, Any] = {"tag": tag, "base": base_name, "lineage": lineage,
                             "shrink": {"technique": technique, "amount": amount},
                             "recipe_text": t.recipe(amount, opts)}
+
+    def unbuilt(reason: str) -> Checkpoint:
+        return Checkpoint.write(new_workdir(t.role), {"role": t.role, **info, "learned": False, "reason": reason})
+
     if not m.get("learned", True):
-        return Checkpoint.write(new_workdir(t.role), {
-            "role": t.role, **info, "learned": False, "reason": f"the base {m['role']} did not learn"})
+        return unbuilt(f"the base {m['role']} did not learn")
     seed_everything(seed)
     arch, graph, load_base, before = m["arch"], None, lambda: load_checkpoint(base), m["macs"]
     if base.onnx_file is not None:
@@ -74,7 +105,7 @@ def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, tech
             converted = torch_from_onnx(base.onnx_file, dataset, m.get("output", "logits"), source=m.get("source"))
         except PretrainedError as err:
             log.warning("shrink: %s %s not built: %s", base_name, tag, err)
-            return Checkpoint.write(new_workdir(t.role), {"role": t.role, **info, "learned": False, "reason": str(err)})
+            return unbuilt(str(err))
         model, graph, arch = converted.model, converted.graph, {**arch, "name": CONVERTED, "batchnorm": True}
         info["conversion"] = converted.describe()
         before = count_macs_params(model, m["input_shape"])[0]
@@ -87,6 +118,10 @@ def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, tech
     applied, after = t.apply(model, amount, opts, ctx)
     val_acc = None
     if opts.finetune_epochs or opts.finetune_steps:
+        refusal = export_refusal(model, m["input_shape"])
+        if refusal is not None:  # found in seconds, not after the fine-tune
+            log.warning("shrink: %s %s not built: %s", base_name, tag, refusal)
+            return unbuilt(refusal)
         hist = fit(model, dataset, finetune_config(train, opts), teacher=load_checkpoint(kd_teacher),
                    kd=KDConfig.model_validate(train.get("kd") or {}),
                    teacher_output=kd_teacher.manifest.get("output", "logits"), seed=seed,
