@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build(args, state: Path):
     from edgeopt.config import DataConfig, QuantConfig, TeacherConfig
     from edgeopt.data.sources import load_dataset
-    from edgeopt.formats.export import export_checkpoint
+    from edgeopt.models.export import export_checkpoint
     from edgeopt.precisions import quantize_model
     from edgeopt.train.teacher import train_teacher
 

@@ -1,7 +1,7 @@
 """The edgeopt latency harness against OpenVINO's own benchmark_app, on the same IR.
 
 Both run the same OpenVINO IR (default: ResNet-18 FP32, torchvision random init, exported with
-edgeopt.formats.export like the pipeline's IRs: dynamic batch, FP32 weights) on CPU with one stream, the
+edgeopt.models.export like the pipeline's IRs: dynamic batch, FP32 weights) on CPU with one stream, the
 same thread count, f32 inference precision, batch 1 and the same input tensor:
 
   harness:        edgeopt.runtimes.OpenVINOPredictor(threads=N) timed by edgeopt.measure.latency.measure
@@ -76,7 +76,7 @@ def resnet18_ir(folder: Path, seed: int) -> Path:
     import torch
     import torchvision
 
-    from edgeopt.formats.export import export_onnx, onnx_to_openvino
+    from edgeopt.models.export import export_onnx, onnx_to_openvino
 
     torch.manual_seed(seed)
     model = torchvision.models.resnet18(weights=None).eval()

@@ -18,7 +18,7 @@ from torch import nn
 
 from edgeopt import formats
 from edgeopt.artifacts import Checkpoint
-from edgeopt.formats.export import export_checkpoint
+from edgeopt.models.export import export_checkpoint
 from edgeopt.models.brought import PretrainedError, inspect_onnx, load_state_dict_teacher, onnx_teacher, torch_from_onnx
 from edgeopt.models.zoo import build_model, load_checkpoint
 from edgeopt.plan import parse_config

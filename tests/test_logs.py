@@ -24,13 +24,13 @@ from edgeopt.logs import route_library_logs
 route_library_logs(verbose=sys.argv[2] == "verbose")
 from nncf.common.logging import nncf_logger  # imported after the set-up: NNCF adds its own console handler
 
-from edgeopt.formats.export import export_onnx
+from edgeopt.models.export import export_onnx
 
 model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 10))
 export_onnx(model, [1, 8, 8], Path(sys.argv[1]).with_suffix(".onnx"))
 nncf_logger.info("nncf: statistics collected")
 warnings.warn("a library warning")
-logging.getLogger("edgeopt.formats.export").info("export: model written")
+logging.getLogger("edgeopt.models.export").info("export: model written")
 """
 pytestmark = pytest.mark.slow  # spawns interpreters that import torch and NNCF
 CHATTER = ("onnxscript.optimizer", "onnx_ir.passes", "nncf: statistics collected", "a library warning")

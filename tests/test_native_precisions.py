@@ -7,7 +7,7 @@ import pytest
 
 from edgeopt import precisions
 from edgeopt.config import ConfigError, QuantConfig
-from edgeopt.formats.export import export_checkpoint
+from edgeopt.models.export import export_checkpoint
 from edgeopt.measure.latency import cpu_info, measure_models
 from edgeopt.plan import check, parse_config
 from edgeopt.precisions import quantize_model

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeopt.formats.export import export_checkpoint
+from edgeopt.models.export import export_checkpoint
 from edgeopt.models.zoo import apply_lowrank_plan, count_macs_params, load_checkpoint
 from edgeopt.shrink.base import output_layers
 from edgeopt.shrink.lowrank import LowRankOptions, energy_rank, factorize_lowrank

@@ -3,7 +3,7 @@ from typing import Annotated
 from zenml import step
 
 from edgeopt.artifacts import Checkpoint, Dataset, ModelArtifact
-from edgeopt.formats.export import export_checkpoint
+from edgeopt.models.export import export_checkpoint
 from edgeopt_zenml.materializers import ModelArtifactMaterializer
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from zenml import step
 
 from edgeopt.artifacts import Checkpoint, Dataset
-from edgeopt.formats.export import export_onnx
+from edgeopt.models.export import export_onnx
 from edgeopt.models.brought import onnx_teacher
 from edgeopt_zenml.materializers import CheckpointMaterializer
 
