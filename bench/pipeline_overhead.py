@@ -106,17 +106,19 @@ class Clock:
 def plain_run(cfg, run_name: str) -> Dict[str, float]:
     """The pipeline's work as plain calls, in pipelines/compress.py's order; seconds per part."""
     from edgeopt.data.sources import load_dataset
-    from edgeopt.deploy.bundles import deploy_from_registry
-    from edgeopt.formats.export import export_checkpoint
+    from edgeopt.deploy.champion import deploy_from_registry
+    from edgeopt.models.export import export_checkpoint
     from edgeopt.measure.evaluate import evaluate_variants
     from edgeopt.plan.variants import variant_plan
     from edgeopt.precisions import quantize_model
+    from edgeopt.registry.promote import promote_winner
+    from edgeopt.registry.versions import fetch_champion
     from edgeopt.select.pareto import select
     from edgeopt.select.promotion import decide
     from edgeopt.select.report import pareto_plot_artifact, selection_report
     from edgeopt.shrink.run import shrink_base
     from edgeopt.track.provenance import provenance
-    from edgeopt.track.runs import fetch_champion, log_pipeline_run, promote_winner
+    from edgeopt.track.runs import log_pipeline_run
     from edgeopt.train.fit import distill_student
     from edgeopt.train.teacher import train_teacher
 

@@ -59,7 +59,8 @@ if str(ROOT) not in sys.path:
 
 from edgeopt import formats  # noqa: E402
 from edgeopt.artifacts import new_workdir  # noqa: E402
-from edgeopt.deploy.bundles import Bundle, deploy  # noqa: E402
+from edgeopt.deploy.bundle import Bundle  # noqa: E402
+from edgeopt.deploy.folder import deploy  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only: this benchmark never sends traffic anywhere else
 DIGITS = (1, 8, 8)

@@ -5,7 +5,7 @@
    folder in a temporary folder, so the user's .edgeopt state and deploy/ are not touched.
 2. Takes the promoted model from the registry (the champion alias) and the teacher checkpoint the
    run trained (its train_teacher step output).
-3. Baseline: the same teacher checkpoint exported to OpenVINO IR (edgeopt.formats.export) and quantized
+3. Baseline: the same teacher checkpoint exported to OpenVINO IR (edgeopt.models.export) and quantized
    with NNCF post-training INT8 (edgeopt.precisions.quantize_model, precision int8, with the
    config's variants.quant settings): no distillation, no pruning.
 4. Evaluates both, with the teacher's FP32 ONNX on ONNX Runtime as the reference, with the pipeline's
@@ -73,11 +73,11 @@ def main(argv=None) -> int:
 def compare(args: argparse.Namespace, state: Path) -> int:
     import yaml
 
-    from edgeopt.formats.export import export_checkpoint
+    from edgeopt.models.export import export_checkpoint
     from edgeopt.measure.evaluate import evaluate_variants, variant_name
     from edgeopt.measure.latency import cpu_fingerprint
     from edgeopt.precisions import quantize_model
-    from edgeopt.track.runs import fetch_champion
+    from edgeopt.registry.versions import fetch_champion
     from edgeopt_zenml.pipelines.runner import output, run_pipeline
 
     raw = yaml.safe_load(args.config.read_text())

@@ -207,7 +207,7 @@ def serve(deploy_root: Path, host: str, port: int, token: str | None, max_body_b
       EDGEOPT_SERVE_TOKEN=... python run.py serve --host 0.0.0.0 \\
           --ssl-certfile cert.pem --ssl-keyfile key.pem
     """
-    from edgeopt.serve.app import ServeError
+    from edgeopt.serve import ServeError
     from edgeopt.serve.app import serve as run_server
 
     try:
@@ -242,8 +242,8 @@ def rollback(config: Path) -> None:
     cfg = _load(config)
     from mlflow.exceptions import MlflowException
 
-    from edgeopt.deploy.bundles import DeployError
-    from edgeopt.deploy.bundles import rollback as _rollback
+    from edgeopt.deploy.bundle import DeployError
+    from edgeopt.deploy.champion import rollback as _rollback
     from edgeopt_zenml.rollback import restore_stage
 
     try:

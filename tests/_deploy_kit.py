@@ -13,12 +13,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeopt.artifacts import ModelArtifact, new_workdir
 from edgeopt.config import PromotionConfig
-from edgeopt.deploy.bundles import serving_info
 from edgeopt.measure.evaluate import Evaluation, Reference, VariantResult
-from edgeopt.registry.lease import SERVING_FILE
+from edgeopt.registry.promote import PromotionResult, promote_winner
+from edgeopt.registry.versions import alias_version
 from edgeopt.select.pareto import Selection
 from edgeopt.select.promotion import decide
-from edgeopt.track.runs import PromotionResult, TrackedRuns, alias_version, client_for, experiment_id, promote_winner
+from edgeopt.track.runs import SERVING_FILE, TrackedRuns, serving_info
+from edgeopt.track.uri import client_for, experiment_id
 
 SHAPE = (1, 2, 2)
 LABELS = ["a", "b"]
@@ -52,7 +53,7 @@ def model_dir(seed: int, **kw) -> ModelArtifact:
 
 
 def deploy_info(name: str, version: str, **extra) -> dict:
-    """``info`` for :func:`edgeopt.deploy.bundles.deploy` of a tiny model."""
+    """``info`` for :func:`edgeopt.deploy.folder.deploy` of a tiny model."""
     return {"registered_model": name, "version": version, "run_id": f"run-{version}",
             "preprocessing": {k: DATASET[k] for k in ("input_shape", "mean", "std", "scale")}, **extra}
 

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from edgeopt.agent.client import Agent, AgentError, pack_job
 from edgeopt.agent.targets import evaluate_on_device, evaluate_on_targets, preflight_targets
 from edgeopt.config import DeviceTargetConfig, TargetConfig
+from edgeopt.measure.evaluate import evaluate_variants
 from edgeopt.plan import parse_config
 from edgeopt.select.pareto import select
 from edgeopt.select.report import pareto_plot
@@ -129,6 +130,7 @@ def test_the_pipeline_measures_on_both_agents(devices_run, agents):
     assert a.fingerprint["id"] != b.fingerprint["id"] and "openvino" in a.fingerprint and "openvino" not in b.fingerprint
     assert all(r.ok for r in a.results), [r.reason for r in a.results if not r.ok]
     assert a.reference.accuracy > 0.8 and abs(b.reference.accuracy - a.reference.accuracy) < 0.01  # same model
+    assert a.reference.test_accuracy > 0.8 and abs(b.reference.test_accuracy - a.reference.test_accuracy) < 0.01
     for r in b.results:  # device b has no OpenVINO: those variants fail there alone
         if r.variant.endswith("@openvino"):
             assert not r.ok and "runtime openvino is not offered by the agent on b" in r.reason
@@ -176,6 +178,11 @@ def test_the_champion_is_measured_in_the_same_job(agents, digits, teacher_onnx):
     ref, champ = ev.results[0], ev.champion
     assert ev.champion_version == "7" and champ.variant == "champion-v7:teacher-fp32-onnx@onnxruntime" and champ.ok
     assert champ.metrics["accuracy"] == ref.metrics["accuracy"] and champ.metrics["latency_p50_ms"] > 0
+    assert champ.metrics["test_accuracy"] == ref.metrics["test_accuracy"]
+    # the job packs the val images, then the test images: the agent's figures are the ones measured here
+    here = evaluate_variants([teacher_onnx], {teacher_onnx.variant: ["onnxruntime"]}, digits,
+                             "teacher-fp32-onnx@onnxruntime", TargetConfig(warmup=2, iterations=20))
+    assert (ev.reference.accuracy, ev.reference.test_accuracy) == (here.reference.accuracy, here.reference.test_accuracy)
     jobs = [ln for ln in agents["b"].log.read_text().splitlines() if " job " in ln and "peak" in ln]
     assert "2 models (onnxruntime 2)" in jobs[-1]
 

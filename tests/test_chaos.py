@@ -22,8 +22,9 @@ import uuid
 
 import pytest
 
-from edgeopt import deploy as dep
-from edgeopt.track.runs import alias_version, client_for
+from edgeopt.deploy import champion as dep
+from edgeopt.registry.versions import alias_version
+from edgeopt.track.uri import client_for
 from tests._deploy_kit import logged_run, promote, versions
 from tests._tiny import ROOT
 
@@ -56,8 +57,8 @@ def _tail(log) -> str:
 PROMOTER = """
 import json, sys
 from pathlib import Path
-from edgeopt import deploy as dep
-from edgeopt.track.runs import alias_version
+from edgeopt.deploy import champion as dep
+from edgeopt.registry.versions import alias_version
 from tests._deploy_kit import logged_run, promote
 uri, name, root, host = sys.argv[1:5]
 out, sys.stdout = sys.stdout, sys.stderr  # stdout is this protocol's; MLflow prints too
@@ -106,7 +107,7 @@ def test_two_promoters_sharing_only_the_tracking_uri_make_exactly_one_champion_a
 ZYGOTE = """
 import os, random, sys
 from pathlib import Path
-from edgeopt import deploy as dep
+from edgeopt.deploy import champion as dep
 from edgeopt.runtimes import make_predictor  # noqa: F401 - imported once, before the forks
 from tests._deploy_kit import logged_run, promote
 uri, name, root, lease = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4])

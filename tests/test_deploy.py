@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from edgeopt import deploy as dep
+from edgeopt.deploy import folder as dep
 from tests._deploy_kit import LABELS, deploy_info, model_dir
 
 

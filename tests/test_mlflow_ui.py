@@ -86,7 +86,7 @@ def test_the_terminal_shows_edgeopts_lines_and_the_run_log_has_everything(ci_run
     chatter = [line for line in terminal.splitlines() if any(c in line for c in LIBRARY_CHATTER)]
     assert not chatter, chatter[:10]
     log = (Path(os.environ["EDGEOPT_STATE_DIR"]) / "logs" / "tiny-ui-ci.log").read_text()
-    assert "edgeopt.track.runs: track: MLflow run" in log and "edgeopt.deploy.bundles" in log
+    assert "edgeopt.track.runs: track: MLflow run" in log and "edgeopt.deploy.folder" in log
 
 
 def test_each_variant_is_an_mlflow_logged_model_with_its_metrics_dataset_and_source(ci_run, tmp_path):

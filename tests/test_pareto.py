@@ -28,7 +28,7 @@ def test_front_constraints_and_objective():
 def test_no_feasible_variant_means_no_winner():
     sel = select({"a": m(0.5, 1, 1, drop=40)}, {"max_accuracy_drop": 1.0}, "latency")
     assert sel.winner is None and "no variant meets the constraints" in sel.reason
-    assert sel.verdicts[0].reasons == ["accuracy drop 40.00 pt > 1.0 pt"]
+    assert sel.verdicts[0].reasons == ["val accuracy drop 40.00 pt > 1.0 pt"]
 
 
 def test_ties_break_deterministically():

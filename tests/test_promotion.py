@@ -15,11 +15,12 @@ import uuid
 
 import pytest
 
-from edgeopt import deploy as dep
-from edgeopt import registry
 from edgeopt.config import PromotionConfig
+from edgeopt.deploy import champion as dep
+from edgeopt.registry import lease as registry
+from edgeopt.registry.versions import alias_version
 from edgeopt.select.promotion import decide
-from edgeopt.track.runs import alias_version, client_for, redact_uri, split_credentials
+from edgeopt.track.uri import client_for, redact_uri, split_credentials
 from tests._deploy_kit import (
     DATASET,
     LABELS,
@@ -52,6 +53,7 @@ def test_challenger_must_beat_the_champion_under_the_rule():
     assert not slow.promote and "latency" in slow.reason and any("gain 2.0%" in c for c in slow.checks)
     worse = decide(result("c", acc=0.97, p50=0.05), champ, rule)  # 1 pt less accurate
     assert not worse.promote and "accuracy" in worse.reason
+    assert worse.checks[0].startswith("FAIL: val accuracy 97.00% vs champion 98.00% (loss 1.00 pt")  # on validation
     assert decide(result("d"), None, rule).promote  # first champion
     assert not decide(None, champ, rule, "no variant meets the constraints").promote
     sized = decide(result("f", p50=0.05, size=0.049), champ, PromotionConfig(min_size_gain_pct=10))
@@ -258,7 +260,7 @@ def test_concurrent_promotions_leave_one_champion_and_consistent_deploy_folders(
 DEPLOY_LOOP = """
 import sys
 from pathlib import Path
-from edgeopt import deploy as dep
+from edgeopt.deploy import folder as dep
 from tests._deploy_kit import LABELS, deploy_info, model_dir
 root = Path(sys.argv[1])
 i = 0

@@ -5,9 +5,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from edgeopt import deploy as dep
-from edgeopt import registry
-from edgeopt.track.runs import alias_version
+from edgeopt.deploy import champion as dep
+from edgeopt.registry import lease as registry
+from edgeopt.registry.versions import alias_version
 from tests._deploy_kit import logged_run, promote
 
 

@@ -35,18 +35,13 @@ from bench.serve_load import (
 )
 from edgeopt.config import DataConfig
 from edgeopt.data.sources import load_dataset
-from edgeopt.deploy.bundles import Bundle
+from edgeopt.deploy.bundle import Bundle
 from edgeopt.runtimes import make_predictor
-from edgeopt.serve.app import (
-    Preprocessing,
-    ServeError,
-    allowed_hosts,
-    check_bind,
-    check_tls,
-    check_token,
-    create_app,
-    tensor_from_image,
-)
+from edgeopt.serve import ServeError
+from edgeopt.serve.app import create_app
+from edgeopt.serve.guard import allowed_hosts, check_bind, check_tls, check_token
+from edgeopt.serve.inputs import tensor_from_image
+from edgeopt.serve.store import Preprocessing
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 MAX_BODY, MAX_BATCH = 64 * 1024, 8

@@ -24,7 +24,7 @@ from sklearn.datasets import load_digits
 
 from bench.serve_load import running_server
 from edgeopt.config import PROJECT_ROOT
-from edgeopt.track.runs import download_version
+from edgeopt.registry.versions import download_version
 from infra.team.stack import BUCKET, STACK, ZENML_USER, TeamStack
 
 pytestmark = pytest.mark.slow

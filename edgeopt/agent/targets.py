@@ -10,14 +10,23 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
-
 from edgeopt.agent.client import Agent, AgentError, pack_job
 from edgeopt.agent.client import measured as measured_from
 from edgeopt.artifacts import Dataset, ModelArtifact
 from edgeopt.config import DeviceTargetConfig, TargetConfig, resolve_path
-from edgeopt.measure.evaluate import Champion, Evaluation, assemble, evaluation_sources, protocol_settings, runnable
-from edgeopt.measure.latency import ACCURACY_BATCH, Measured
+from edgeopt.measure.evaluate import (
+    ACCURACY_SPLITS,
+    Champion,
+    Evaluation,
+    accuracy_inputs,
+    accuracy_labels,
+    assemble,
+    evaluation_sources,
+    latency_input,
+    protocol_settings,
+    runnable,
+)
+from edgeopt.measure.latency import Measured
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +68,10 @@ def evaluate_on_device(
     champion: Optional[Champion] = None,
 ) -> Evaluation:
     """As :func:`evaluate_variants`, measured on ``device`` by its agent: one job with every model,
-    the test images and the latency batch. A model the agent cannot take (a runtime it does not
-    offer, over its size cap) fails alone; an agent that does not answer or drops the job fails every
-    model of this device with the reason, and the run goes on."""
+    the val then the test images (:func:`edgeopt.measure.evaluate.accuracy_inputs`: the agent predicts
+    whatever it gets, the predictions are split back here) and the latency batch. A model the agent
+    cannot take (a runtime it does not offer, over its size cap) fails alone; an agent that does not
+    answer or drops the job fails every model of this device with the reason, and the run goes on."""
     target = target.model_copy(update={"threads": device.threads or target.threads})
     sources = evaluation_sources(models, evaluations)
     device_info: Dict[str, Any] = {"url": device.url, "label": device.label}
@@ -83,10 +93,9 @@ def evaluate_on_device(
             else:
                 files = [m.path / f for f in m.manifest["files"] if f.startswith("model.")]
                 job[name] = (rt, m.model_file, files)
-        x_lat = np.ascontiguousarray(next(dataset.batches("test", target.batch))[0])
         with tempfile.TemporaryDirectory(prefix="edgeopt-job-") as tmp:
-            packed = pack_job(Path(tmp) / "job.tar", protocol_settings(target), job,
-                              (x for x, _ in dataset.batches("test", ACCURACY_BATCH)), dataset.size("test"), x_lat)
+            packed = pack_job(Path(tmp) / "job.tar", protocol_settings(target), job, accuracy_inputs(dataset),
+                              sum(dataset.size(s) for s in ACCURACY_SPLITS), latency_input(dataset, target.batch))
             log.info("evaluate: %d models -> %s (%s), %.1f MB", len(job), device.label, device.url,
                      packed.stat().st_size / 1e6)
             answer = agent.run(packed)
@@ -95,7 +104,7 @@ def evaluate_on_device(
     except AgentError as err:
         error = f"target {device.label}: {err}"
         log.warning("evaluate: %s", error)
-    return assemble(sources, champion, measured, dataset.labels("test"), reference, target, fingerprint, refused,
+    return assemble(sources, champion, measured, accuracy_labels(dataset), reference, target, fingerprint, refused,
                      device=device_info, error=error)
 
 

@@ -34,6 +34,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def model_sha256(files: Dict[str, Dict[str, Any]]) -> str:
+    """One sha256 for a model's files (``model.*`` of a manifest's ``files``): the same for the
+    variant's MLflow artifact and for every bundle made of it."""
+    lines = "".join(f"{n}\t{m['sha256']}\n" for n, m in sorted(files.items()) if n.startswith("model."))
+    if not lines:
+        raise ValueError("the manifest lists no model.* file")
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 _process_root: Optional[Path] = None
 _scopes: List[Path] = []
 

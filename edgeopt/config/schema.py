@@ -160,7 +160,7 @@ class ConstraintsConfig(Strict):
     max_latency_ms: Optional[float] = Field(None, gt=0, description="p50 latency ceiling at the target batch.")
     max_size_mb: Optional[float] = Field(None, gt=0, description="Model file size ceiling (MB, 1e6 bytes).")
     max_accuracy_drop: Optional[float] = Field(
-        1.0, ge=0, le=100, description="Largest allowed test-accuracy drop vs the teacher, in points."
+        1.0, ge=0, le=100, description="Largest allowed validation-accuracy drop vs the teacher, in points."
     )
 
 
@@ -216,7 +216,7 @@ class PromotionConfig(Strict):
     """When the run's winner may replace the current champion (re-measured in the same run)."""
 
     max_accuracy_loss: float = Field(
-        0.5, ge=0, le=100, description="Largest test-accuracy loss vs the champion (points) a challenger may have."
+        0.5, ge=0, le=100, description="Largest validation-accuracy loss vs the champion (points) a challenger may have."
     )
     min_latency_gain_pct: Optional[float] = Field(
         5.0, ge=0, le=100, description="The challenger's p50 must be at least this much lower than the champion's (%)."

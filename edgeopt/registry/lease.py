@@ -31,23 +31,20 @@ a blocked model until ``python run.py unblock`` clears it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import re
 import socket
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List, Optional
 
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
-from edgeopt.deploy.bundles import model_sha256
+from edgeopt.registry.versions import run_model_sha256
+from edgeopt.track.uri import client_for
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +52,10 @@ LEASE_SECONDS = 120.0  # how long a lease lasts without release (a killed holder
 WAIT_SECONDS = 600.0  # how long a contender waits for the lease
 HOLDER, EXPIRES, RELEASED = "edgeopt.lease.holder", "edgeopt.lease.expires", "edgeopt.lease.released"
 BLOCKED = "edgeopt.blocked."
-SERVING_FILE = "serving/serving.json"
 
 
 class LeaseError(TimeoutError):
     """The lease could not be taken in time, or was lost before a write; one line for the user."""
-
-
-def _client(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _code(err: MlflowException) -> str:
@@ -92,7 +84,7 @@ class Lease:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         self.record: Optional[str] = None
         self.expires = 0.0
-        self._client = _client(uri)
+        self._client = client_for(uri)
 
     def _records(self) -> List[_Record]:
         pattern = re.compile(re.escape(self.prefix) + r"(\d{12})$")
@@ -167,38 +159,13 @@ class Lease:
         self.release()
 
 
-# ------------------------------------------------------------------------------------- model identity
-
-
-def run_model_manifest(uri: str, run_id: str) -> Dict:
-    """The manifest of the model folder a run logged as ``model/`` (its files' sha256, output kind)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return json.loads(Path(_client(uri).download_artifacts(run_id, "model/manifest.json", tmp)).read_text())
-
-
-def run_model_sha256(uri: str, run_id: str) -> str:
-    """The sha256 of the model files a run logged as ``model/``."""
-    return model_sha256(run_model_manifest(uri, run_id)["files"])
-
-
-def load_serving(uri: str, run_id: str, version: str) -> Dict:
-    """The labels and preprocessing logged with a version's own run (never the current run's data)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = _client(uri).download_artifacts(run_id, SERVING_FILE, tmp)
-        except (MlflowException, OSError):
-            raise LookupError(f"v{version}: its run {run_id} has no {SERVING_FILE} (registered by an older edgeopt); "
-                              "promote a new version") from None
-        return json.loads(Path(path).read_text())
-
-
 # ------------------------------------------------------------------------------------------ blocks
 
 
 def blocked(uri: str, name: str) -> Dict[str, str]:
     """sha256 of each rolled-back model of ``name`` -> the note recorded when it was blocked."""
     try:
-        tags = _client(uri).get_registered_model(name).tags
+        tags = client_for(uri).get_registered_model(name).tags
     except MlflowException as err:
         if _code(err) == "RESOURCE_DOES_NOT_EXIST":
             return {}
@@ -208,7 +175,7 @@ def blocked(uri: str, name: str) -> Dict[str, str]:
 
 def block(uri: str, name: str, sha256: str, version: Optional[str], note: str) -> None:
     """Record a rollback: the model (by sha256) is blocked; its version, if it exists, carries the note."""
-    client = _client(uri)
+    client = client_for(uri)
     client.set_registered_model_tag(name, f"{BLOCKED}{sha256}", note[:5000])
     if version is not None:
         client.set_model_version_tag(name, version, "edgeopt.rolled_back", note[:5000])
@@ -217,7 +184,7 @@ def block(uri: str, name: str, sha256: str, version: Optional[str], note: str) -
 def unblock(uri: str, name: str, which: Optional[str]) -> List[str]:
     """Clear blocks: ``which`` a sha256 (or a prefix of 8+ characters), a version ``v3`` / ``3``, or None for all.
     Returns the sha256s cleared; LookupError when nothing matches."""
-    client = _client(uri)
+    client = client_for(uri)
     current = blocked(uri, name)
     if which is None:
         chosen = list(current)

@@ -2,6 +2,10 @@
 
 ``select`` is deterministic and explains itself: every variant gets a verdict (failed, violates a
 constraint, dominated by another, on the front) and the winner comes with the reason it won.
+
+It is decided on the validation split: ``accuracy`` and ``accuracy_drop`` are validation figures
+(:mod:`edgeopt.measure.evaluate`); ``test_accuracy`` and ``test_accuracy_drop`` are reported beside
+them and never read here, so the test split stays a test of the variant chosen.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def _tied(a: dict, b: dict, metric: str) -> bool:
 def violations(m: dict, constraints: Dict[str, Optional[float]]) -> List[str]:
     out = []
     if constraints.get("max_accuracy_drop") is not None and m["accuracy_drop"] > constraints["max_accuracy_drop"]:
-        out.append(f"accuracy drop {m['accuracy_drop']:.2f} pt > {constraints['max_accuracy_drop']} pt")
+        out.append(f"val accuracy drop {m['accuracy_drop']:.2f} pt > {constraints['max_accuracy_drop']} pt")
     if constraints.get("max_latency_ms") is not None and m["latency_p50_ms"] > constraints["max_latency_ms"]:
         out.append(f"p50 {m['latency_p50_ms']:.3f} ms > {constraints['max_latency_ms']} ms")
     if constraints.get("max_size_mb") is not None and m["size_mb"] > constraints["max_size_mb"]:
@@ -84,7 +88,8 @@ def violations(m: dict, constraints: Dict[str, Optional[float]]) -> List[str]:
 
 
 def select(metrics: Dict[str, Optional[dict]], constraints: Dict[str, Optional[float]], objective: str) -> Selection:
-    """``metrics``: variant -> its measured metrics, or None for a variant that failed.
+    """``metrics``: variant -> its measured metrics, or None for a variant that failed. Accuracy is the
+    validation split's (``accuracy``, ``accuracy_drop``); test figures are not read.
 
     The front is computed among the variants that meet every constraint; the winner is the front's
     best at ``objective``. Variants whose p50 latencies are within the noise measured in the run count

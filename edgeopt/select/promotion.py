@@ -2,11 +2,13 @@
 
 Both were measured in the same process by the same harness (absolute latencies drift between
 machines and runs; only same-run comparisons count). Every configured condition must hold; the
-decision names the rule and the numbers that decided it.
+decision names the rule and the numbers that decided it. Accuracy is compared on the validation
+split; the test figures are shown beside it, never decided on.
 """
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 from pydantic import BaseModel
@@ -24,7 +26,7 @@ class Decision(BaseModel):
 
 
 def rule_text(rule: PromotionConfig) -> str:
-    parts = [f"accuracy loss vs champion <= {rule.max_accuracy_loss} pt"]
+    parts = [f"val accuracy loss vs champion <= {rule.max_accuracy_loss} pt"]
     if rule.min_latency_gain_pct is not None:
         parts.append(f"p50 latency at least {rule.min_latency_gain_pct}% lower")
     if rule.min_size_gain_pct is not None:
@@ -51,8 +53,10 @@ def decide(winner: Optional[VariantResult], champion: Optional[VariantResult], r
     w, c = winner.metrics, champion.metrics
     loss = 100 * (c["accuracy"] - w["accuracy"])
     checks = [("accuracy", loss <= rule.max_accuracy_loss,
-               f"accuracy {100 * w['accuracy']:.2f}% vs champion {100 * c['accuracy']:.2f}% "
-               f"(loss {loss:.2f} pt, allowed {rule.max_accuracy_loss})")]
+               f"val accuracy {100 * w['accuracy']:.2f}% vs champion {100 * c['accuracy']:.2f}% "
+               f"(loss {loss:.2f} pt, allowed {rule.max_accuracy_loss}; test "
+               f"{100 * w.get('test_accuracy', math.nan):.2f}% vs {100 * c.get('test_accuracy', math.nan):.2f}%, "
+               "reported, not decided on)")]
     if rule.min_latency_gain_pct is not None:
         gain = 100 * (1 - w["latency_p50_ms"] / c["latency_p50_ms"])
         checks.append(("latency", gain >= rule.min_latency_gain_pct,

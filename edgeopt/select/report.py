@@ -1,4 +1,7 @@
-"""What a person reads: the variants table, the selection report (Markdown) and the Pareto plot."""
+"""What a person reads: the variants table, the selection report (Markdown) and the Pareto plot.
+
+Each carries the validation accuracy (what the winner was chosen on) and the test accuracy (reported,
+never used to choose)."""
 
 from __future__ import annotations
 
@@ -13,25 +16,29 @@ from edgeopt.select.pareto import Selection, TargetSelections
 from edgeopt.select.promotion import Decision
 
 STATUS_MARK = {"front": "front", "dominated": "dominated", "infeasible": "infeasible", "failed": "FAILED"}
+SPLITS_NOTE = "chosen on the validation split; test figures reported, never used to choose"
 
 
 def variants_table(ev: Evaluation, sel: Selection) -> str:
     """A fixed-width table, one row per variant, winner marked with '*', reference marked with '='.
-    'x smaller' and 'x faster' are against the reference (same run); '±' is the p50's measured noise;
-    'int8' is the share of convolution/matmul layers the runtime really executes in INT8."""
-    head = (f"{'':1} {'variant':36} {'acc %':>7} {'drop':>6} {'p50 ms':>8} {'±%':>5} {'p95 ms':>8} {'size kB':>9} "
-            f"{'x smaller':>9} {'x faster':>8} {'int8':>5}  verdict")
+    'val %' and 'test %' are the accuracy on each split; 'drop' is the validation accuracy's drop from the
+    reference (points), what the constraints read; 'x smaller' and 'x faster' are against the reference
+    (same run); '±' is the p50's measured noise; 'int8' is the share of convolution/matmul layers the
+    runtime really executes in INT8."""
+    head = (f"{'':1} {'variant':36} {'val %':>7} {'test %':>7} {'drop':>6} {'p50 ms':>8} {'±%':>5} {'p95 ms':>8} "
+            f"{'size kB':>9} {'x smaller':>9} {'x faster':>8} {'int8':>5}  verdict")
     rows: List[str] = [head, "-" * len(head)]
     for v in sel.verdicts:
         r = ev.result(v.variant)
         mark = "*" if v.variant == sel.winner else "=" if v.variant == ev.reference.variant else ""
         if not r.ok:
-            rows.append(f"{mark:1} {v.variant:36} {'-':>7} {'-':>6} {'-':>8} {'-':>5} {'-':>8} {'-':>9} {'-':>9} {'-':>8} "
-                        f"{'-':>5}  FAILED: {r.reason}")
+            rows.append(f"{mark:1} {v.variant:36} {'-':>7} {'-':>7} {'-':>6} {'-':>8} {'-':>5} {'-':>8} {'-':>9} {'-':>9} "
+                        f"{'-':>8} {'-':>5}  FAILED: {r.reason}")
             continue
         m = r.metrics
         rows.append(
-            f"{mark:1} {v.variant:36} {100 * m['accuracy']:7.2f} {m['accuracy_drop']:6.2f} {m['latency_p50_ms']:8.3f} "
+            f"{mark:1} {v.variant:36} {100 * m['accuracy']:7.2f} {100 * m['test_accuracy']:7.2f} {m['accuracy_drop']:6.2f} "
+            f"{m['latency_p50_ms']:8.3f} "
             f"{m['latency_noise_pct']:5.1f} {m['latency_p95_ms']:8.3f} {m['size_mb'] * 1e3:9.1f} "
             f"{m['compression_ratio']:9.1f} {m['speedup_vs_reference']:8.2f} {100 * m.get('int8_fraction', 0):4.0f}%  "
             f"{STATUS_MARK[v.status]}"
@@ -39,14 +46,16 @@ def variants_table(ev: Evaluation, sel: Selection) -> str:
         )
     t = ev.reference
     rows.append(
-        f"= reference {t.variant} (FP32, same run): acc {100 * t.accuracy:.2f} %, p50 {t.latency_p50_ms:.3f} ms, "
+        f"= reference {t.variant} (FP32, same run): val acc {100 * t.accuracy:.2f} %, test acc "
+        f"{100 * t.test_accuracy:.2f} %, p50 {t.latency_p50_ms:.3f} ms, "
         f"{t.size_mb * 1e3:.1f} kB" + (", outputs probabilities" if t.output == "probabilities" else "")
     )
     c = ev.champion
     if c is not None:
         rows.append(
             f"champion {c.variant}: " + (
-                f"acc {100 * c.metrics['accuracy']:.2f} %, p50 {c.metrics['latency_p50_ms']:.3f} ms, "
+                f"val acc {100 * c.metrics['accuracy']:.2f} %, test acc {100 * c.metrics['test_accuracy']:.2f} %, "
+                f"p50 {c.metrics['latency_p50_ms']:.3f} ms, "
                 f"{c.metrics['size_mb'] * 1e3:.1f} kB (re-measured in this run)" if c.ok else f"FAILED: {c.reason}"
             )
         )
@@ -63,12 +72,13 @@ def measured_on(ev: Evaluation) -> str:
 
 def targets_section(ev: Evaluation, targets: TargetSelections) -> List[str]:
     """Every device's winner, and where the winners differ, each winner's p50 on every device."""
-    lines = ["## Devices", "", "| target | fingerprint | CPU | winner | acc % | p50 ms | decision |", "|---|---|---|---|---|---|---|"]
+    lines = ["## Devices", "", "| target | fingerprint | CPU | winner | val % | test % | p50 ms | decision |",
+             "|---|---|---|---|---|---|---|---|"]
     for e, t in zip(ev.devices, targets.targets):
         w = e.result(t.selection.winner).metrics if t.selection.winner else None
         lines.append(
             f"| {t.label} (alias `{t.alias}`) | {t.fingerprint} | {t.cpu} | {t.selection.winner or 'none'} | "
-            + (f"{100 * w['accuracy']:.2f} | {w['latency_p50_ms']:.4f}" if w else "- | -")
+            + (f"{100 * w['accuracy']:.2f} | {100 * w['test_accuracy']:.2f} | {w['latency_p50_ms']:.4f}" if w else "- | - | -")
             + f" | {'promote' if t.decision.promote else 'keep'}: {t.decision.reason} |"
         )
     errors = [f"- `{e.label}`: {e.error}" for e in ev.devices if e.error]
@@ -96,6 +106,16 @@ def targets_section(ev: Evaluation, targets: TargetSelections) -> List[str]:
     return lines
 
 
+def winner_figures(ev: Evaluation, sel: Selection) -> List[str]:
+    """The winner's test accuracy and drop (the figures to quote) beside the validation ones it was chosen on."""
+    if not sel.winner:
+        return []
+    m = ev.result(sel.winner).metrics
+    return [f"**Winner's accuracy:** test {100 * m['test_accuracy']:.2f} % (drop {m['test_accuracy_drop']:.2f} pt vs "
+            f"the reference's {100 * ev.reference.test_accuracy:.2f} %); validation {100 * m['accuracy']:.2f} % (drop "
+            f"{m['accuracy_drop']:.2f} pt), {SPLITS_NOTE}.", ""]
+
+
 def selection_report(ev: Evaluation, sel: Selection, decision: Decision, run_name: str,
                      targets: Optional[TargetSelections] = None) -> str:
     """The run's report: winner, why, promotion, the rule, the variants table; with target devices,
@@ -109,6 +129,7 @@ def selection_report(ev: Evaluation, sel: Selection, decision: Decision, run_nam
         "",
         f"**Why:** {sel.reason}.",
         "",
+        *winner_figures(ev, sel),
         f"**Promotion:** {'promote' if decision.promote else 'keep the champion'}: {decision.reason}.",
         "",
         f"**Promotion rule (champion vs challenger, same run):** {decision.rule}.",
@@ -116,7 +137,11 @@ def selection_report(ev: Evaluation, sel: Selection, decision: Decision, run_nam
         *[f"- {c}" for c in decision.checks],
         *([""] if decision.checks else []),
         f"**Rule:** drop every variant that violates a constraint ({', '.join(f'{k}={v}' for k, v in c.items()) or 'none'}), "
-        f"keep the Pareto front over (accuracy up, p50 latency down, size down), pick the best `{sel.objective}` on it.",
+        f"keep the Pareto front over (validation accuracy up, p50 latency down, size down), pick the best "
+        f"`{sel.objective}` on it.",
+        "",
+        f"**Splits:** {SPLITS_NOTE}: the constraints, the Pareto front, the objective, the ties and the promotion "
+        "rule read the validation accuracy; the test accuracy of the winner is the figure to quote.",
         "",
         f"**Measured on:** {measured_on(ev)}. All latencies below come from this one run.",
         "",
@@ -179,7 +204,7 @@ def pareto_plot(ev: Evaluation, sel: Selection, path: Path) -> Path:
         ax.text(0.5, 0.5, f"nothing measured on {ev.label}:\n{ev.error}", ha="center", va="center", wrap=True,
                 transform=ax.transAxes)
     ax.set_xlabel(f"p50 latency, ms (log; batch {ev.target['batch']}, {ev.target['threads']} thread(s))")
-    ax.set_ylabel("test accuracy, %")
+    ax.set_ylabel("validation accuracy, % (what selection reads)")
     ax.set_title("Variants: accuracy vs latency (marker area ~ model size)")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

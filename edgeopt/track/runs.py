@@ -1,13 +1,13 @@
-"""MLflow: one parent run per pipeline run, one nested run per variant, registry aliases.
+"""MLflow: one parent run per pipeline run, one nested run per variant.
 
 A variant run holds its recipe as params, its measurements as metrics, its lineage, runtime,
-target and Pareto verdict as tags, and its model folder as the artifact ``model/``; the same folder
-is an MLflow 3 LoggedModel of that run (the ONNX flavor for an ONNX file, the files alone for
-OpenVINO IR) with the run's metrics linked to it and to the dataset, so the experiment's Models tab
-compares the variants. Every run carries MLflow's source tags and the dataset (name, the data hash
-as digest, source) as its input. The parent run holds the config, the Pareto plot and the selection
-report. Promotion registers the winner's ``model/`` as a model version and points the alias
-(``champion``) at it.
+target and Pareto verdict as tags, its model folder as the artifact ``model/`` and what a bundle
+needs besides the model as ``serving/serving.json``; the same folder is an MLflow 3 LoggedModel of
+that run (the ONNX flavor for an ONNX file, the files alone for OpenVINO IR) with the run's metrics
+linked to it and to the dataset, so the experiment's Models tab compares the variants. Every run
+carries MLflow's source tags and the dataset (name, the data hash as digest, source) as its input.
+The parent run holds the config, the Pareto plot and the selection report. Registering the winner
+and moving the alias is ``edgeopt.registry``'s.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import time
 import warnings
 from importlib.metadata import version as installed_version
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
-from urllib.parse import unquote
+from typing import Any, Callable, Dict
 
 import mlflow
 from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -29,18 +28,18 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.numpy_dataset import NumpyDataset, from_numpy
 from mlflow.entities import Dataset as MlflowDataset
 from mlflow.entities import DatasetInput, InputTag, LoggedModelOutput, Metric, Param
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT
 from pydantic import BaseModel
 
 from edgeopt.artifacts import Dataset, ModelArtifact
-from edgeopt.deploy.bundles import model_sha256, serving_info
 from edgeopt.measure.evaluate import Evaluation
-from edgeopt.registry.lease import LEASE_SECONDS, SERVING_FILE, Lease, blocked, run_model_manifest
 from edgeopt.select.pareto import Selection
 from edgeopt.select.promotion import Decision
+from edgeopt.track.uri import client_for, experiment_id, redact_uri
+
+SERVING_FILE = "serving/serving.json"  # in a variant's run: labels, output kind and preprocessing, for its bundles
 
 
 class TrackedRuns(BaseModel):
@@ -54,45 +53,7 @@ class TrackedRuns(BaseModel):
     variant_models: Dict[str, str] = {}  # ``variant@runtime`` -> the id of its MLflow LoggedModel (``models:/<id>``)
 
 
-class PromotionResult(BaseModel):
-    """What ``promote`` did and why: the audit trail of one run (the version, when promoted)."""
-
-    promoted: bool
-    reason: str
-    rule: str
-    checks: List[str]
-    champion_before: Optional[str]
-    winner: Optional[str]
-    registered_model: Optional[str] = None
-    version: Optional[str] = None
-    alias: Optional[str] = None
-    variant: Optional[str] = None
-    run_id: Optional[str] = None
-    runtime: Optional[str] = None
-    runtime_settings: Dict[str, Any] = {}
-    metrics: Dict[str, float] = {}
-    lineage: Dict[str, Optional[str]] = {}
-
 log = logging.getLogger(__name__)
-
-
-def client_for(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):  # keep a local store's artifacts beside its database
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:  # created concurrently
-        exp = client.get_experiment_by_name(name)
-        assert exp is not None
-        return exp.experiment_id
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, str]:
@@ -170,7 +131,7 @@ def log_variant_model(client: MlflowClient, experiment: str, run_id: str, name: 
 # MLflow has no other way to choose what a new user sees, and a view cannot expand nested runs:
 # grouping by the pipeline run (tag pipeline_run) lists its variant runs flat, under one heading.
 VIEW_KEY = "edgeopt"
-VIEW_METRICS = ("accuracy", "accuracy_drop", "latency_p50_ms", "size_mb")
+VIEW_METRICS = ("accuracy", "accuracy_drop", "test_accuracy", "latency_p50_ms", "size_mb")
 
 
 def set_runs_view(client: MlflowClient, experiment: str) -> None:
@@ -182,6 +143,12 @@ def set_runs_view(client: MlflowClient, experiment: str) -> None:
         "orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": columns,
         "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "pipeline_run"}]},
     }))
+
+
+def serving_info(dataset_manifest: Dict[str, Any], output: str = "logits") -> Dict[str, Any]:
+    """What a bundle needs besides the model, from the dataset the model was trained and measured on."""
+    return {"labels": list(dataset_manifest["classes"]), "output": output,
+            "preprocessing": {k: dataset_manifest[k] for k in ("input_shape", "mean", "std", "scale")}}
 
 
 def log_pipeline_run(
@@ -283,154 +250,6 @@ def log_pipeline_run(
     log.info("track: MLflow run %s (%d variant runs, %d logged models) in experiment %r at %s",
              pid, len(runs), len(model_ids), experiment, redact_uri(uri))
     return TrackedRuns(parent_run_id=pid, experiment_id=exp, variant_runs=runs, tags=tags, variant_models=model_ids)
-
-
-def register_version(uri: str, name: str, run_id: str, tags: Dict[str, str], description: str = "",
-                     model_id: Optional[str] = None) -> str:
-    """Register the variant's model as a new version of ``name``: its LoggedModel (``models:/<id>``,
-    linked, so the Models tab and the registry point at each other) or, without one, the run's
-    ``model/`` folder. Both hold the same files. Returns the version number."""
-    client = client_for(uri)
-    try:
-        client.create_registered_model(name, description="edgeopt: the Pareto-best edge model per run")
-    except MlflowException as err:
-        if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
-            raise
-    source = f"models:/{model_id}" if model_id else f"{client.get_run(run_id).info.artifact_uri}/model"
-    mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description,
-                                     model_id=model_id)
-    return str(mv.version)
-
-
-def set_alias(uri: str, name: str, alias: str, version: str) -> None:
-    client_for(uri).set_registered_model_alias(name, alias, version)
-
-
-def alias_version(uri: str, name: str, alias: str) -> Optional[Any]:
-    """The model version behind ``alias``, or None when the model or the alias does not exist
-    (any other error, e.g. an unreachable server, is raised: "no champion" must mean none)."""
-    try:
-        return client_for(uri).get_model_version_by_alias(name, alias)
-    except MlflowException as err:
-        if str(err.error_code) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
-
-
-def download_version(uri: str, mv, dst: Path) -> Path:
-    """Download a model version's files (the variant's ``model/`` folder) into ``dst``."""
-    mlflow.set_tracking_uri(uri)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst)))
-
-
-_SECRET_QUERY = re.compile(r"(?i)([?&][^=&]*(?:pass|token|secret|key)[^=&]*=)[^&]*")
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` with its user-info and secret-looking query values replaced by ``***``, for params,
-    tags and logs (``http://alice:pw@host:5000`` -> ``http://***@host:5000``)."""
-    scheme, sep, rest = uri.partition("://")
-    if sep:
-        netloc, slash, path = rest.partition("/")
-        if "@" in netloc:
-            rest = "***@" + netloc.rpartition("@")[2] + slash + path
-    return _SECRET_QUERY.sub(r"\1***", f"{scheme}{sep}{rest}")
-
-
-# Where the clients read a user name and password when the URI does not carry them: MLflow's HTTP
-# client, and libpq for a PostgreSQL store.
-_CREDENTIAL_ENV = {"http": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
-                   "https": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
-                   "postgresql": ("PGUSER", "PGPASSWORD")}
-
-
-def split_credentials(uri: str) -> Tuple[str, Dict[str, str]]:
-    """``uri`` without its user-info, and the environment variables that carry it instead, for the
-    schemes whose clients read them (``http://alice:pw@host`` -> ``http://host`` and
-    MLFLOW_TRACKING_USERNAME/PASSWORD): what is passed on as a pipeline parameter then holds no secret."""
-    scheme, sep, rest = uri.partition("://")
-    netloc, slash, path = rest.partition("/")
-    env_names = _CREDENTIAL_ENV.get(scheme.split("+")[0].lower())
-    if not sep or "@" not in netloc or env_names is None:
-        return uri, {}
-    userinfo, _, host = netloc.rpartition("@")
-    user, _, password = userinfo.partition(":")
-    env = {env_names[0]: unquote(user), **({env_names[1]: unquote(password)} if password else {})}
-    return f"{scheme}{sep}{host}{slash}{path}", env
-
-
-def fetch_champion(uri: str, name: str, alias: str, dst: Path) -> Optional[Tuple[ModelArtifact, str, str]]:
-    """The model behind ``alias`` as (ModelArtifact, version, runtime), or None when there is none."""
-    mv = alias_version(uri, name, alias)
-    if mv is None:
-        return None
-    model = ModelArtifact(download_version(uri, mv, dst))
-    model.verify()
-    return model, str(mv.version), mv.tags.get("runtime", "onnxruntime")
-
-
-def promote_winner(
-    *, uri: str, name: str, alias: str, selection: Selection, evaluation: Evaluation, decision: Decision,
-    runs: TrackedRuns, tags: Dict[str, str], lease_seconds: float = LEASE_SECONDS,
-) -> PromotionResult:
-    """Register the winner as a new version of ``name`` and move ``alias`` to it, if ``decision`` says so.
-
-    Compare-and-set under the registry's promotion lease (``edgeopt.registry.lease.Lease``, exclusive
-    across hosts that share only the tracking URI): if another run moved the alias since this run
-    measured the champion, nothing is promoted (the comparison would be against a stale champion);
-    a model that was rolled back (by sha256) is not promoted until ``run.py unblock`` clears it.
-    The winner's run must hold ``serving/serving.json`` (labels, preprocessing; logged by
-    :func:`log_pipeline_run`): every deployment of the version reads it from there.
-    Returns what was done and why.
-    """
-    measured = evaluation.champion_version
-    base = PromotionResult(promoted=False, reason=decision.reason, rule=decision.rule, checks=decision.checks,
-                           champion_before=measured, winner=selection.winner)
-    if not decision.promote:
-        log.warning("promote: nothing promoted: %s", decision.reason)
-        return base
-    assert selection.winner is not None  # a promotion decision has a winner
-    w = evaluation.result(selection.winner)
-    run_id = runs.variant_runs[selection.winner]
-    sha = model_sha256(run_model_manifest(uri, run_id)["files"])
-    if not client_for(uri).list_artifacts(run_id, SERVING_FILE.split("/")[0]):
-        reason = f"{w.variant}: its run {run_id} has no {SERVING_FILE} (labels, preprocessing); not promoted"
-        log.warning("promote: %s", reason)
-        return base.model_copy(update={"reason": reason})
-    with Lease(uri, name, ttl=lease_seconds) as lease:
-        current = alias_version(uri, name, alias)
-        now = str(current.version) if current is not None else None
-        if now != measured:
-            reason = (f"the champion moved from v{measured} to v{now} while this run was measuring; "
-                      "not promoted (re-run to compare against the new champion)")
-            log.warning("promote: %s", reason)
-            return base.model_copy(update={"reason": reason})
-        note = blocked(uri, name).get(sha)
-        if note is not None:
-            reason = (f"{w.variant} is the model {note} (model sha256 {sha[:12]}); not promoted until "
-                      f"`python run.py unblock -c <config> --model {sha[:12]}`")
-            log.warning("promote: %s", reason)
-            return base.model_copy(update={"reason": reason})
-        if current is not None and current.tags.get("model_sha256") == sha \
-                and current.tags.get("runtime") == str(w.recipe["runtime"]):
-            reason = (f"{w.variant} is the champion v{now}'s own model (model sha256 {sha[:12]}) on the same "
-                      "runtime; nothing new to promote")
-            log.info("promote: %s", reason)
-            return base.model_copy(update={"reason": reason})
-        lease.check()
-        version = register_version(uri, name, run_id, tags={
-            **tags, "variant": w.variant, "runtime": str(w.recipe["runtime"]), "rule": decision.rule,
-            "decision": decision.reason, "pareto_front": ",".join(selection.front), "model_sha256": sha,
-            **{k: f"{v:.6g}" for k, v in w.metrics.items() if k in ("accuracy", "latency_p50_ms", "size_mb")},
-        }, description=decision.reason, model_id=runs.variant_models.get(selection.winner))
-        lease.check()
-        set_alias(uri, name, alias, version)
-    log.info("promote: %s -> %s version %s (alias %r): %s", w.variant, name, version, alias, decision.reason)
-    return base.model_copy(update={
-        "promoted": True, "registered_model": name, "version": str(version), "alias": alias, "variant": w.variant,
-        "run_id": run_id, "runtime": str(w.recipe["runtime"]), "runtime_settings": w.runtime_settings,
-        "metrics": w.metrics, "lineage": w.lineage,
-    })
 
 
 def log_target_metrics(uri: str, runs: TrackedRuns, evaluation: Evaluation, selection: Selection) -> None:

@@ -19,7 +19,7 @@ from zenml.utils import source_utils
 from edgeopt.artifacts import workdir_scope
 from edgeopt.config import FROM_CHECKOUT, PROJECT_ROOT, RunConfig, state_dir
 from edgeopt.select.report import variants_table
-from edgeopt.track.runs import split_credentials
+from edgeopt.track.uri import split_credentials
 from edgeopt_zenml.pipelines.compress import compress
 
 MAX_MESSAGE_CHARS = 400
@@ -151,8 +151,11 @@ def run_pipeline(cfg: RunConfig, *, enable_cache: bool = True, run_name: Optiona
         headline = (
             f"winner: {sel.winner} -> {promotion.registered_model} v{promotion.version} "
             f"(alias '{promotion.alias}'), deployed to {bundle}\n"
-            f"  vs the reference {ev.reference.variant} (the teacher in FP32, measured in the same loop): "
-            f"accuracy drop {m['accuracy_drop']:.2f} pt, {m['compression_ratio']:.1f}x smaller, "
+            f"  test accuracy {100 * m['test_accuracy']:.2f} %, test drop {m['test_accuracy_drop']:.2f} pt "
+            f"(chosen on validation: val accuracy {100 * m['accuracy']:.2f} %, val drop {m['accuracy_drop']:.2f} pt; "
+            f"test figures reported, never used to choose)\n"
+            f"  vs the reference {ev.reference.variant} (FP32, measured in the same loop; test accuracy "
+            f"{100 * ev.reference.test_accuracy:.2f} %): {m['compression_ratio']:.1f}x smaller, "
             f"{m['speedup_vs_reference']:.2f}x lower p50 (noise ±{m['latency_noise_pct']:.1f} %)"
         )
     else:

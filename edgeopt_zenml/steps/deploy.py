@@ -3,8 +3,8 @@ from typing import Annotated, Optional
 
 from zenml import step
 
-from edgeopt.deploy.bundles import deploy_from_registry
-from edgeopt.track.runs import PromotionResult
+from edgeopt.deploy.champion import deploy_from_registry
+from edgeopt.registry.promote import PromotionResult
 
 
 @step(enable_cache=False)

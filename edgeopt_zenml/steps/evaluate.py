@@ -8,7 +8,7 @@ from edgeopt.agent.targets import evaluate_on_targets, target_aliases
 from edgeopt.artifacts import Dataset, ModelArtifact
 from edgeopt.config import DeviceTargetConfig, TargetConfig
 from edgeopt.measure.evaluate import Evaluation, evaluate_variants
-from edgeopt.track.runs import fetch_champion
+from edgeopt.registry.versions import fetch_champion
 from edgeopt_zenml.materializers import EvaluationMaterializer
 
 

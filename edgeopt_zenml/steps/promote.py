@@ -4,9 +4,10 @@ from zenml import get_step_context, log_metadata, step
 from zenml.enums import ModelStages
 
 from edgeopt.measure.evaluate import Evaluation
+from edgeopt.registry.promote import PromotionResult, promote_winner
 from edgeopt.select.pareto import Selection
 from edgeopt.select.promotion import Decision
-from edgeopt.track.runs import PromotionResult, TrackedRuns, promote_winner
+from edgeopt.track.runs import TrackedRuns
 
 
 @step(enable_cache=False)

@@ -3,8 +3,9 @@ from typing import Annotated, List
 from zenml import step
 
 from edgeopt.measure.evaluate import Evaluation
+from edgeopt.registry.promote import PromotionResult, promote_winner
 from edgeopt.select.pareto import TargetSelections
-from edgeopt.track.runs import PromotionResult, TrackedRuns, log_target_metrics, promote_winner
+from edgeopt.track.runs import TrackedRuns, log_target_metrics
 
 
 @step(enable_cache=False)
