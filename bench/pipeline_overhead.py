@@ -107,8 +107,8 @@ def plain_run(cfg, run_name: str) -> Dict[str, float]:
     """The pipeline's work as plain calls, in pipelines/compress.py's order; seconds per part."""
     from edgeopt.data.sources import load_dataset
     from edgeopt.deploy.champion import deploy_from_registry
-    from edgeopt.models.export import export_checkpoint
     from edgeopt.measure.evaluate import evaluate_variants
+    from edgeopt.models.export import export_checkpoint
     from edgeopt.plan.variants import variant_plan
     from edgeopt.precisions import quantize_model
     from edgeopt.registry.promote import promote_winner

@@ -73,9 +73,9 @@ def main(argv=None) -> int:
 def compare(args: argparse.Namespace, state: Path) -> int:
     import yaml
 
-    from edgeopt.models.export import export_checkpoint
     from edgeopt.measure.evaluate import evaluate_variants, variant_name
     from edgeopt.measure.latency import cpu_fingerprint
+    from edgeopt.models.export import export_checkpoint
     from edgeopt.precisions import quantize_model
     from edgeopt.registry.versions import fetch_champion
     from edgeopt_zenml.pipelines.runner import output, run_pipeline

@@ -18,8 +18,8 @@ from torch import nn
 
 from edgeopt import formats
 from edgeopt.artifacts import Checkpoint
-from edgeopt.models.export import export_checkpoint
 from edgeopt.models.brought import PretrainedError, inspect_onnx, load_state_dict_teacher, onnx_teacher, torch_from_onnx
+from edgeopt.models.export import export_checkpoint
 from edgeopt.models.zoo import build_model, load_checkpoint
 from edgeopt.plan import parse_config
 from edgeopt.plan.variants import variant_plan

@@ -6,8 +6,8 @@ import torch
 
 from edgeopt.config import ConfigError, DataConfig, StudentConfig, TeacherConfig
 from edgeopt.data.sources import DataError, load_dataset
-from edgeopt.models.export import export_checkpoint, export_onnx
 from edgeopt.models.brought import PretrainedError
+from edgeopt.models.export import export_checkpoint, export_onnx
 from edgeopt.models.zoo import build_model, load_checkpoint
 from edgeopt.plan import parse_config
 from edgeopt.train.fit import distill_student

@@ -6,8 +6,8 @@ from torch import nn
 
 from edgeopt.artifacts import model_or_failure
 from edgeopt.config import TargetConfig
-from edgeopt.models.export import ParityError, check_parity, export_checkpoint
 from edgeopt.measure.evaluate import evaluate_variants
+from edgeopt.models.export import ParityError, check_parity, export_checkpoint
 from edgeopt.models.zoo import count_macs_params, load_checkpoint
 from edgeopt.shrink.prune import PruneOptions, prune_channels
 from edgeopt.shrink.run import shrink_base

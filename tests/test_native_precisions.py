@@ -7,8 +7,8 @@ import pytest
 
 from edgeopt import precisions
 from edgeopt.config import ConfigError, QuantConfig
-from edgeopt.models.export import export_checkpoint
 from edgeopt.measure.latency import cpu_info, measure_models
+from edgeopt.models.export import export_checkpoint
 from edgeopt.plan import check, parse_config
 from edgeopt.precisions import quantize_model
 from edgeopt.precisions.native import BF16_FLAGS, FP16_FLAGS

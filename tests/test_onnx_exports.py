@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 from torch import nn
 
-from edgeopt.models.export import export_checkpoint, export_onnx
 from edgeopt.models.brought import PretrainedError, inspect_onnx, onnx_teacher, torch_from_onnx
+from edgeopt.models.export import export_checkpoint, export_onnx
 from edgeopt.shrink.base import REGISTRY, ShrinkContext, Technique, get
 from edgeopt.shrink.run import shrink_base
 

@@ -12,7 +12,6 @@ from PIL import Image
 from edgeopt.artifacts import Dataset
 from edgeopt.config import DataConfig, PromotionConfig, QuantConfig
 from edgeopt.data.sources import load_dataset
-from edgeopt.models.export import export_checkpoint
 from edgeopt.measure.evaluate import (
     Evaluation,
     Reference,
@@ -21,6 +20,7 @@ from edgeopt.measure.evaluate import (
     accuracy_labels,
     split_accuracies,
 )
+from edgeopt.models.export import export_checkpoint
 from edgeopt.precisions import quantize_model
 from edgeopt.select.pareto import select
 from edgeopt.select.promotion import decide

@@ -26,8 +26,8 @@ import torch
 
 from edgeopt.artifacts import Checkpoint, Dataset, new_workdir
 from edgeopt.config import FitConfig, KDConfig
-from edgeopt.models.export import export_onnx
 from edgeopt.models.brought import PretrainedError, first_line, torch_from_onnx
+from edgeopt.models.export import export_onnx
 from edgeopt.models.zoo import (
     CONVERTED,
     add_batchnorm,

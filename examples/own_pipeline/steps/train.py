@@ -10,8 +10,8 @@ from torch import nn
 from zenml import step
 
 from edgeopt.artifacts import Checkpoint, Dataset
-from edgeopt.models.export import export_onnx
 from edgeopt.models.brought import onnx_teacher
+from edgeopt.models.export import export_onnx
 from edgeopt_zenml.materializers import CheckpointMaterializer
 
 
