@@ -139,7 +139,7 @@ def test_a_brought_fixed_batch_onnx_model_is_a_base_end_to_end(tiny_raw, teacher
     torch.onnx.export(nn.Sequential(load_checkpoint(teacher_ckpt), nn.Softmax(dim=1)).eval(), (torch.zeros(1, 1, 8, 8),),
                       str(path), dynamo=False, opset_version=17, input_names=["pixels"], output_names=["scores"])
     raw = {**tiny_raw, "name": "tiny-brought", "teacher": {"onnx": str(path)},
-           "student": {**tiny_raw["student"], "epochs": 3},
+           "student": {**tiny_raw["student"], "epochs": 6},
            "variants": {**tiny_raw["variants"], "bases": ["teacher", "student"], "shrink": {},
                         "formats": ["onnx"], "runtimes": ["onnxruntime"]},
            "target": {**tiny_raw["target"], "constraints": {"max_accuracy_drop": 2.0}},
@@ -158,7 +158,7 @@ def test_a_brought_fixed_batch_onnx_model_is_a_base_end_to_end(tiny_raw, teacher
     assert int8["int8_ops"] > 0 and int8["size_mb"] < 0.5 * m["teacher-fp32-onnx@onnxruntime"]["size_mb"]
     assert int8["accuracy_drop"] < 2.0 and ev.result("teacher-int8-onnx@onnxruntime").lineage["base"] == "teacher"
     assert ev.reference.accuracy > 0.85 and ev.reference.test_accuracy > 0.85
-    # the student of 3 epochs: 0.78 on val here; chance is 0.1
+    # the student of 6 epochs (3 gave 0.77 on test on an AMD EPYC: too close to the bar); chance is 0.1
     assert m["student-fp32-onnx@onnxruntime"]["test_accuracy"] > 0.8 and m["student-fp32-onnx@onnxruntime"]["accuracy"] > 0.7
     assert out["selection"].winner and out["promotion"].promoted
     assert "vs the reference teacher-fp32-onnx@onnxruntime" in out["headline"]
