@@ -12,7 +12,7 @@ from onnx import numpy_helper
 from edgeopt import precisions
 from edgeopt.config import ConfigError, QuantConfig
 from edgeopt.config.quant import NNCFOptions, RecipeOptions
-from edgeopt.formats.export import export_checkpoint
+from edgeopt.models.export import export_checkpoint
 from edgeopt.models.zoo import load_checkpoint, save_checkpoint
 from edgeopt.plan import parse_config
 from edgeopt.precisions import Inputs, Precision, get, nncf_backend, ort, quantize_model
@@ -188,14 +188,15 @@ def int8_weight_layers(art):
             if op.get_type_name() in ("Convolution", "MatMul") and int8_constant(op.input_value(1).get_node())}
 
 
-def test_nncf_keeps_the_first_layer_in_float_by_default_and_the_last_on_request(digits, fp32_ir):
+def test_nncf_keeps_the_first_layer_in_float_and_the_last_on_request(digits, fp32_ir):
     backend = nncf_backend.BACKENDS["openvino"]
     layers, attention = backend.layers(backend.load(fp32_ir.model_file))
     names = [layer.name for layer in layers]
     assert len(names) == 4 and not attention and not any(layer.int8 for layer in layers)  # 3 convs + classifier
-    art = quantize_model(fp32_ir, "int8", digits, quant(), 0, "student-int8-openvino")
+    art = quantize_model(fp32_ir, "int8", digits, quant(nncf={"ignore_first": True}), 0, "student-int8-openvino")
     every = quantize_model(fp32_ir, "int8", digits, quant(nncf={"ignore_first": False}), 0, "all-int8-openvino")
-    ends = quantize_model(fp32_ir, "int8", digits, quant(nncf={"ignore_last": True}), 0, "ends-int8-openvino")
+    ends = quantize_model(fp32_ir, "int8", digits, quant(nncf={"ignore_first": True, "ignore_last": True}), 0,
+                          "ends-int8-openvino")
     n = art.manifest["nncf"]
     assert n["ignored_layers"] == names[:1] and n["model_type"] == "cnn" and not n["smooth_quant"]
     assert ends.manifest["nncf"]["ignored_layers"] == [names[0], names[-1]] and every.manifest["nncf"]["ignored_layers"] == []
@@ -246,9 +247,10 @@ def test_nncf_model_type_is_transformer_only_for_attention():
         model = backend.load(path)
         layers, attention = backend.layers(model)
         assert attention and len(layers) == 2  # the two Linear layers; q @ k and attn @ v are not layers
-        kwargs, resolved = nncf_backend.arguments(NNCFOptions(), model, "onnx", 16)
+        kwargs, resolved = nncf_backend.arguments(NNCFOptions(ignore_first=True), model, "onnx", 16)
         assert resolved["model_type"] == "transformer" and resolved["smooth_quant"] and kwargs["model_type"] is not None
-        assert resolved["ignored_layers"] == [layers[0].name]  # the first layer, the default
+        assert resolved["ignored_layers"] == [layers[0].name]  # the first layer, as asked
+        assert nncf_backend.arguments(NNCFOptions(), model, "onnx", 16)[1]["ignored_layers"] == []  # auto, unmeasured
         _, forced = nncf_backend.arguments(NNCFOptions(model_type="cnn"), model, "onnx", 16)
         assert forced["model_type"] == "cnn" and not forced["smooth_quant"]
 

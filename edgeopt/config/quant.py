@@ -5,11 +5,12 @@ Plain data: each recipe (``edgeopt.precisions``) reads the groups it uses from h
 
 from __future__ import annotations
 
-from typing import List, Literal
+from typing import List, Literal, Optional
 
 from pydantic import Field
 
 from edgeopt.config.base import Strict
+from edgeopt.config.training import KDConfig
 
 
 class RecipeOptions(Strict):
@@ -48,10 +49,18 @@ class NNCFOptions(RecipeOptions):
     model_type: Literal["auto", "cnn", "transformer"] = Field(
         "auto", description="transformer: NNCF's transformer patterns and SmoothQuant; auto: transformer when the "
                             "graph has an activation x activation MatMul (attention).")
-    ignore_first: bool = Field(
-        True, description="Keep the first weighted layer (it sees the raw image) in floating point.")
-    ignore_last: bool = Field(
-        False, description="Keep the last weighted layer (the classifier) in floating point.")
+    ignore_first: Literal["auto", True, False] = Field(
+        "auto", description="Keep the first weighted layer (it sees the raw image) in floating point; auto: int8 on "
+                            "OpenVINO IR builds both, measures them on this CPU and keeps the layer in float only "
+                            "where every-layer INT8 breaks auto_max_drop; NNCF without val data (int8-acc: its "
+                            "accuracy control reverts what costs accuracy) quantizes it.")
+    ignore_last: Literal["auto", True, False] = Field(
+        False, description="Keep the last weighted layer (the classifier) in floating point; auto as ignore_first "
+                           "(off by default: it changed no accuracy measured so far and doubles what auto builds).")
+    auto_max_drop: float = Field(
+        0.5, ge=0, le=100, description="auto: the largest top-1 drop vs FP32 on the val split (points) that the "
+                                       "fastest candidate may cost; where every candidate costs more, the most "
+                                       "accurate is kept.")
 
 
 class AccuracyControlOptions(RecipeOptions):
@@ -59,6 +68,25 @@ class AccuracyControlOptions(RecipeOptions):
 
     max_drop: float = Field(1.0, gt=0, le=100, description="Largest top-1 drop vs FP32 on the val split (points).")
     max_iterations: int = Field(20, ge=1, le=1000, description="Most groups of layers reverted to floating point.")
+
+
+class QATOptions(RecipeOptions):
+    """``variants.quant.qat``: int8-qat's quantization-aware fine-tune of the FP32 model's torch conversion,
+    distilled from the FP32 model itself (steps with a warm-up and a cosine decay, AdamW)."""
+
+    steps: int = Field(100, ge=1, le=1_000_000, description="Optimizer steps of the fine-tune (digits: seconds).")
+    batch_size: int = Field(64, ge=2, le=4096, description="Train images per step.")
+    lr: float = Field(1e-3, gt=0, le=1, description="Peak learning rate (AdamW), reached after a warm-up of a tenth "
+                                                    "of the steps (on a net like tests/test_qat.py's, 100 steps: at "
+                                                    "1e-4 the ONNX file stayed 1 point below PTQ, at 1e-3 it ended "
+                                                    "14 above).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW's decoupled weight decay.")
+    eval_every: Optional[int] = Field(
+        None, ge=1, description="Evaluate on the val split every this many steps (the weights best there are kept); "
+                                "default: four evaluations, the last at the end.")
+    kd: KDConfig = Field(KDConfig(), description="The distillation loss (the FP32 model is the teacher).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the fine-tune runs: auto (CUDA when torch sees a GPU, else the CPU), cpu or cuda.")
 
 
 class QuantConfig(Strict):
@@ -71,3 +99,4 @@ class QuantConfig(Strict):
     onnxruntime: OrtOptions = OrtOptions()
     nncf: NNCFOptions = NNCFOptions()
     accuracy_control: AccuracyControlOptions = AccuracyControlOptions()
+    qat: QATOptions = QATOptions()

@@ -1,10 +1,15 @@
-"""OpenVINO IR: ``model.xml`` (the graph) + ``model.bin`` (the weights); read by OpenVINO."""
+"""OpenVINO IR: ``model.xml`` (the graph) + ``model.bin`` (the weights); read by OpenVINO. The FP32 ONNX
+file it was converted from is kept beside it as ``source.onnx``: an IR converts to no trainable model, and
+a recipe that trains (int8-qat) starts from that file."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from edgeopt.formats.base import Format
+
+SOURCE = "source.onnx"
 
 
 class OpenVINOFormat(Format):
@@ -18,4 +23,5 @@ class OpenVINOFormat(Format):
 
         xml = self.model_file(folder)
         ov.save_model(ov.convert_model(str(onnx_file)), str(xml), compress_to_fp16=False)
+        shutil.copy2(onnx_file, Path(folder) / SOURCE)
         return xml

@@ -17,6 +17,7 @@ one of its ``cpu_flags`` (where OpenVINO would quietly compute in another precis
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Dict, Tuple
@@ -76,7 +77,7 @@ class Int8BF16(int8.Int8):
 
     name = "int8-bf16"
     cpu_flags = BF16_FLAGS
-    implementations = {"openvino": hinted("bf16", int8.quantize_openvino)}
+    implementations = {"openvino": hinted("bf16", functools.partial(int8.quantize_openvino, precision="bf16"))}
 
     def recipe(self, fmt: str, options: int8.Int8Options, n_calibration: int) -> Tuple[Dict[str, Any], str]:
         used, method = super().recipe(fmt, options, n_calibration)
