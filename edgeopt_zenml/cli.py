@@ -1,65 +1,54 @@
-"""edgeopt command line: run the compression pipeline on a config and show what it produced.
+"""edgeopt command line: make a model smaller and faster in one command, or run the compression pipeline
+on a config and show what it produced.
 
-    python run.py run -c configs/default.yaml      # or: edgeopt run -c ...
-    python run.py validate -c configs/my.yaml      # check a config in a second, run nothing
-    python run.py serve --deploy-root deploy/digits   # serve the deployed model on 127.0.0.1:8000
+    edgeopt optimize model.onnx --data imgs/ --output out/   # your model: the best variant's files in out/
+    edgeopt run -c configs/default.yaml            # a config run (from a checkout: python run.py run ...)
+    edgeopt validate -c configs/my.yaml            # check a config in a second, run nothing
+    edgeopt serve --deploy-root deploy/digits      # serve a deployed model (or -m models:/<name>@<alias>)
 """
 
 from __future__ import annotations
 
-import atexit
-import os
 import shutil
-import sys
 import time
 from pathlib import Path
+from typing import Optional, Tuple
 
 import click
 
-from edgeopt.config import ConfigError
+from edgeopt import __version__
 from edgeopt.env import configure_local_state
-from edgeopt.plan import load_config
+from edgeopt_zenml.cli_common import (  # noqa: F401 - EXIT_* are the command line's documented codes
+    EXIT_BAD_INPUT,
+    EXIT_GATE,
+    EXIT_RUN_FAILED,
+    Out,
+    exit_now,
+    json_option,
+    load,
+    prepare,
+    run_reported,
+    set_option,
+)
+from edgeopt_zenml.cli_optimize import optimize
 
 configure_local_state()
 
 
-# Exit codes (README, "Errors and exit codes"): 0 done; 1 the run failed (a step raised); 2 bad input,
-# found before any step started; 3 the quality gate (--require-promotion) failed.
-EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_GATE = 1, 2, 3
-
-
-def _fail(msg: str, code: int = EXIT_BAD_INPUT) -> None:
-    """One line on stderr, the last the command writes, then exit with ``code``."""
-    line = " ".join(str(msg).split()) or "failed"
-    click.echo(f"edgeopt: error: {line[:600]}", err=True)
-    sys.exit(code)
-
-
-def _load(config: Path, preflight: bool = False):
-    """The validated config; with ``preflight``, also every input the run depends on (data and its
-    images, a brought model, the tracking store, the deploy folder), before any step starts."""
-    try:
-        cfg = load_config(config)
-    except ConfigError as err:
-        _fail(str(err))
-    if preflight:
-        from edgeopt.plan.preflight import PREFLIGHT_ERRORS, check_run_inputs
-
-        try:
-            check_run_inputs(cfg)
-        except PREFLIGHT_ERRORS as err:
-            _fail(str(err))
-    return cfg
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="edgeopt", message="%(prog)s %(version)s")
 def cli() -> None:
     """edgeopt: turn a trained image model into the best model an edge device can run.
 
-    Trains (or loads) a teacher, distills a student, prunes, quantizes and exports it to ONNX and
-    OpenVINO IR, measures every variant on the runtime it will run on, tracks them in MLflow, and
-    promotes and deploys the Pareto-best one. State stays inside the checkout (.edgeopt/, .zen/).
+    `edgeopt optimize MODEL --data DIR` takes your model as it is; a config run (`edgeopt run -c`) can
+    also train a teacher and distill a student. Either way it prunes, quantizes and exports to ONNX and
+    OpenVINO IR, measures every variant on the runtime it will run on, tracks them in MLflow, and keeps
+    the Pareto-best one (promoted and deployed in a config run). Your ZenML (its active stack) and
+    MLFLOW_TRACKING_URI are used when set; else state stays in .edgeopt/.
     """
+
+
+cli.add_command(optimize)
 
 
 @cli.command()
@@ -78,48 +67,34 @@ def cli() -> None:
 @click.option("-v", "--verbose", is_flag=True,
               help="Show the libraries' own log lines (ONNX export passes, NNCF, MLflow, warnings) here too; "
                    "by default they go to the run's log file only (<state dir>/logs/<run>.log).")
+@click.option("--force", is_flag=True, help="Go on when the brought model scores near chance on the validation "
+                                            "split (checks.near_chance: warn); by default the run is refused.")
+@set_option
+@json_option
 def run(config: Path, no_cache: bool, run_name: str | None, zenml_config: Path | None, require_promotion: bool,
-        report_dir: Path | None, verbose: bool) -> None:
+        report_dir: Path | None, verbose: bool, force: bool, overrides: Tuple[str, ...], as_json: bool) -> None:
     """Run the compression pipeline on CONFIG and print the variants and the winner."""
-    cfg = _load(config, preflight=True)
-    if cfg.targets:  # every target's agent answers and takes its token, before any training
-        from edgeopt.agent.client import AgentError
-        from edgeopt.agent.targets import preflight_targets
+    out = Out(as_json)
+    cfg = load(out, config, (*overrides, *(["checks.near_chance=warn"] if force else [])))
+    prepared = prepare(out, cfg)  # every input, every target's agent, the brought model: before any step
+    from edgeopt_zenml.api import summary_json
+    from edgeopt_zenml.pipelines.runner import output
 
-        try:
-            for d, info in zip(cfg.targets, preflight_targets(cfg.targets)):
-                fp = info["fingerprint"]
-                click.echo(f"target {d.label}: {fp['cpu']} ({fp['cores']} cores), runtimes "
-                           f"{', '.join(info['runtimes'])}, fingerprint {fp['id']}")
-        except AgentError as err:
-            _fail(str(err))
-    from edgeopt.logs import route_library_logs
-    from edgeopt_zenml.pipelines.runner import RunFailed, output, run_pipeline
-
-    route_library_logs(verbose=verbose)
     t0 = time.perf_counter()
-    try:
-        summary = run_pipeline(cfg, enable_cache=not no_cache, run_name=run_name,
-                               zenml_config=str(zenml_config) if zenml_config else None)
-    except RunFailed as err:
-        click.echo(f"edgeopt: the run failed; its log, with the traceback: {err.log_path}", err=True)
-        _fail(str(err), code=EXIT_RUN_FAILED)
-    except Exception as err:  # noqa: BLE001 - gathering the run's outputs failed: one line for the user
-        _fail(f"{type(err).__name__}: {err}", code=EXIT_RUN_FAILED)
-    click.echo("")
-    click.echo(summary["table"])
-    click.echo("")
-    click.echo(summary["headline"])
+    summary, _ = run_reported(out, prepared.config, verbose, enable_cache=not no_cache, run_name=run_name,
+                              zenml_config=str(zenml_config) if zenml_config else None)
     if report_dir:
         report_dir.mkdir(parents=True, exist_ok=True)
         (report_dir / "selection.md").write_text(output(summary["run"], "select", "selection_report"))
         shutil.copyfile(output(summary["run"], "select", "pareto_plot").png, report_dir / "pareto.png")
-        click.echo(f"report: {report_dir / 'selection.md'}, {report_dir / 'pareto.png'}")
-    click.echo(f"wall time {time.perf_counter() - t0:.1f} s")
+        out.say(f"report: {report_dir / 'selection.md'}, {report_dir / 'pareto.png'}")
+    out.say(f"wall time {time.perf_counter() - t0:.1f} s")
     code = gate_exit_code(summary["selection"].winner, require_promotion)
     if code:
-        click.echo(f"edgeopt: quality gate failed: {summary['promotion'].reason}", err=True)
-    _exit_now(code)
+        reason = summary["promotion"].reason if summary["promotion"] is not None else summary["selection"].reason
+        click.echo(f"edgeopt: quality gate failed: {reason}", err=True)
+    out.result({"ok": code == 0, "exit_code": code, **summary_json(summary, prepared)})
+    exit_now(code)
 
 
 def gate_exit_code(winner: str | None, require_promotion: bool) -> int:
@@ -128,37 +103,39 @@ def gate_exit_code(winner: str | None, require_promotion: bool) -> int:
     return EXIT_GATE if require_promotion and not winner else 0
 
 
-def _exit_now(code: int) -> None:
-    """Everything is written and committed (ZenML store, MLflow, deploy folder): run the exit
-    hooks, then skip the interpreter's module teardown, which takes ~4 s with torch, OpenVINO
-    and ZenML loaded and does nothing useful."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    atexit._run_exitfuncs()
-    os._exit(code)
-
-
 @cli.command()
-@click.option("-c", "--config", "config", type=click.Path(path_type=Path), required=True, help="Run config (YAML).")
-def validate(config: Path) -> None:
+@click.option("-c", "--config", "config", type=click.Path(path_type=Path), default=Path("configs/default.yaml"),
+              show_default=True, help="Run config (YAML).")
+@set_option
+@json_option
+def validate(config: Path, overrides: Tuple[str, ...], as_json: bool) -> None:
     """Validate CONFIG and every input a run of it needs (data, a brought model, the tracking store, the
     deploy folder) and print the variants it would build."""
-    cfg = _load(config, preflight=True)
+    out = Out(as_json)
+    cfg = load(out, config, overrides, preflight=True)
     from edgeopt.plan.variants import variant_plan
 
     plan = variant_plan(cfg)
     names = plan.names()
-    click.echo(f"{config}: ok ({len(names)} variants of {', '.join(cfg.variants.bases)}; "
-               f"reference {plan.reference_name})")
+    out.say(f"{config}: ok ({len(names)} variants of {', '.join(cfg.variants.bases)}; "
+            f"reference {plan.reference_name})")
     for name in names:
-        click.echo(f"  {name}")
+        out.say(f"  {name}")
     for note in plan.notes:
-        click.echo(f"  note: {note}")
+        out.say(f"  note: {note}")
+    out.result({"ok": True, "config": str(config), "bases": cfg.variants.bases, "variants": names,
+                "reference": plan.reference_name, "notes": plan.notes, "tracking_uri": cfg.tracking_uri(),
+                "deploy": {"enabled": cfg.deploy.enabled, "root": str(cfg.deploy_root())}})
 
 
 @cli.command()
-@click.option("--deploy-root", type=click.Path(path_type=Path), default=Path("deploy/digits"), show_default=True,
+@click.option("--deploy-root", type=click.Path(path_type=Path), default=None,
               help="Deploy folder whose 'current' bundle is served (the config's deploy.root).")
+@click.option("-m", "--model", "model_uri", default=None, metavar="models:/NAME@ALIAS",
+              help="Serve a registered model's version instead: the one its alias names in the MLflow registry "
+                   "(deployed into <state dir>/serve/ first). Give this or --deploy-root.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", show_envvar=True, default=None,
+              help="The MLflow store of -m (default: the embedded one, <state dir>/mlflow.db).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (IPv6 with or without brackets). Anything but loopback (127.0.0.1, ::1, "
                    "localhost) needs a token, and TLS or --insecure; on loopback, requests must name a loopback "
@@ -185,9 +162,10 @@ def validate(config: Path) -> None:
 @click.option("--insecure", is_flag=True,
               help="Allow a token over plain HTTP beyond loopback (only behind a TLS proxy you trust).")
 @click.option("--access-log/--no-access-log", default=True, show_default=True, help="Log every request.")
-def serve(deploy_root: Path, host: str, port: int, token: str | None, max_body_bytes: int, max_batch: int,
-          max_request_pixels: int, request_timeout: float, max_connections: int, ssl_certfile: Path | None,
-          ssl_keyfile: Path | None, insecure: bool, access_log: bool) -> None:
+def serve(deploy_root: Optional[Path], model_uri: Optional[str], tracking_uri: Optional[str], host: str, port: int,
+          token: str | None, max_body_bytes: int, max_batch: int, max_request_pixels: int, request_timeout: float,
+          max_connections: int, ssl_certfile: Path | None, ssl_keyfile: Path | None, insecure: bool,
+          access_log: bool) -> None:
     """Serve the deployed model over HTTP (FastAPI + uvicorn) until Ctrl-C.
 
     \b
@@ -202,21 +180,32 @@ def serve(deploy_root: Path, host: str, port: int, token: str | None, max_body_b
 
     \b
     Example:
-      python run.py serve --deploy-root deploy/digits
+      edgeopt serve --deploy-root deploy/digits      # or: edgeopt serve -m models:/edgeopt-digits@champion
       curl -F file=@digit.png http://127.0.0.1:8000/predict
-      EDGEOPT_SERVE_TOKEN=... python run.py serve --host 0.0.0.0 \\
+      EDGEOPT_SERVE_TOKEN=... edgeopt serve --deploy-root deploy/digits --host 0.0.0.0 \\
           --ssl-certfile cert.pem --ssl-keyfile key.pem
     """
     from edgeopt.serve import ServeError
+    from edgeopt.serve.app import deploy_folder_for
     from edgeopt.serve.app import serve as run_server
 
+    out = Out()
+    if (deploy_root is None) == (model_uri is None):
+        out.fail("serve: give the deploy folder to serve (--deploy-root DIR) or a registered model "
+                 "(-m models:/<name>@<alias>), one of the two")
     try:
+        if model_uri is not None:
+            from edgeopt.config import state_dir
+
+            deploy_root = deploy_folder_for(model_uri, tracking_uri or f"sqlite:///{state_dir() / 'mlflow.db'}",
+                                            state_dir() / "serve")
+        assert deploy_root is not None
         run_server(deploy_root, host=host, port=port, token=token, max_body_bytes=max_body_bytes,
                    max_batch=max_batch, max_request_pixels=max_request_pixels, request_timeout=request_timeout,
                    max_connections=max_connections, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
                    insecure=insecure, access_log=access_log)
     except ServeError as err:
-        _fail(str(err))
+        out.fail(str(err))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
@@ -239,7 +228,8 @@ def rollback(config: Path) -> None:
     """Serve the bundle served before the current one again (following the deploy history), move the
     registry alias and the ZenML model stage back to its version, and block the model rolled away
     from: no later run promotes it until `run.py unblock` clears it."""
-    cfg = _load(config)
+    out = Out()
+    cfg = load(out, config)
     from mlflow.exceptions import MlflowException
 
     from edgeopt.deploy.bundle import DeployError
@@ -249,7 +239,7 @@ def rollback(config: Path) -> None:
     try:
         done = _rollback(cfg.deploy_root(), uri=cfg.tracking_uri(), name=cfg.registry.name, alias=cfg.registry.alias)
     except (LookupError, ValueError, DeployError, TimeoutError, OSError, MlflowException) as err:
-        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__, code=EXIT_RUN_FAILED)
+        out.fail(str(err).splitlines()[0] if str(err) else type(err).__name__, code=EXIT_RUN_FAILED)
     m = done.bundle.manifest
     stage = restore_stage(cfg.registry.name, m["version"], m["run_id"])
     click.echo(f"rolled back: {cfg.deploy_root() / 'current'} -> {done.bundle.path.name}; "
@@ -270,7 +260,8 @@ def rollback(config: Path) -> None:
                    "or a version (v3). Default: every blocked model.")
 def unblock(config: Path, which: str | None) -> None:
     """Allow promotion of a model that a rollback blocked."""
-    cfg = _load(config)
+    out = Out()
+    cfg = load(out, config)
     from mlflow.exceptions import MlflowException
 
     from edgeopt.registry.lease import unblock as _unblock
@@ -278,7 +269,7 @@ def unblock(config: Path, which: str | None) -> None:
     try:
         cleared = _unblock(cfg.tracking_uri(), cfg.registry.name, which)
     except (LookupError, MlflowException) as err:
-        _fail(str(err).splitlines()[0], code=EXIT_RUN_FAILED)
+        out.fail(str(err).splitlines()[0], code=EXIT_RUN_FAILED)
     click.echo(f"unblocked {len(cleared)} model(s) of {cfg.registry.name}: "
                + ", ".join(sha[:12] for sha in cleared))
 

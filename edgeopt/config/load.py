@@ -7,9 +7,10 @@ A bad file fails fast with one line naming the field's path and what was expecte
 
 from __future__ import annotations
 
+import copy
 import reprlib
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from pydantic import ValidationError
@@ -58,6 +59,48 @@ def validate_config(raw: Any, source: str = "config", context: Optional[Dict[str
         return RunConfig.model_validate(raw, context=context)
     except ValidationError as err:
         raise ConfigError(_format_error(source, err)) from None
+
+
+def apply_overrides(raw: Any, overrides: Sequence[str], source: str = "--set") -> Any:
+    """``raw`` with each ``key.path=value`` of ``overrides`` set in it (the command line's ``--set``): the value
+    is read as YAML (``0.5``, ``true``, ``null``, ``[onnx, openvino]``, ``{prune: {amounts: [0.3]}}``), the
+    dotted path names mapping keys, or a list index (``targets.0.url``); missing mappings are made. The
+    result is validated like the file; a malformed override is a one-line ConfigError."""
+    if not overrides:
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config is not a mapping")
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        keys = [k.strip() for k in key.split(".")]
+        if not eq or not all(keys):
+            raise ConfigError(f"{source} {item!r}: expected key.path=value, e.g. target.threads=2")
+        try:
+            value = yaml.load(text, Loader=_Loader) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source} {key}: not a YAML value ({_clip(str(err).splitlines()[0], 120)})") from None
+        node: Any = out
+        for depth, k in enumerate(keys):
+            last = depth == len(keys) - 1
+            if isinstance(node, list):
+                if not k.isdigit() or int(k) >= len(node):
+                    raise ConfigError(f"{source} {key}: {'.'.join(keys[:depth]) or 'the config'} is a list of "
+                                      f"{len(node)}; {k!r} is not an index in it")
+                if last:
+                    node[int(k)] = value
+                else:
+                    node = node[int(k)]
+            elif isinstance(node, dict):
+                if last:
+                    node[k] = value
+                else:
+                    if node.get(k) is None:
+                        node[k] = {}
+                    node = node[k]
+            else:
+                raise ConfigError(f"{source} {key}: {'.'.join(keys[:depth])} is {type(node).__name__}, not a mapping")
+    return out
 
 
 def read_config_text(path: Path) -> str:

@@ -12,7 +12,8 @@ served, so the rules live here once and both sides call :func:`decode_image`:
 - the EXIF orientation is applied, so a phone photo is upright whichever way it was stored;
 - 16-bit and float images are scaled to 0..255, not clipped (a clip turns most 16-bit images white);
 - then the image is converted to ``"RGB"`` or ``"L"`` and resized with Pillow's bilinear filter,
-  which antialiases when it shrinks.
+  which antialiases when it shrinks: stretched to the size, or (``crop``) resized with its aspect kept
+  so that the size is that fraction of it on the tighter side, and its centre cut out.
 
 No torch here: the server imports this module.
 """
@@ -57,12 +58,23 @@ def image_pixels(source: Union[Path, bytes], *, max_pixels: int = MAX_PIXELS, na
         return im.width * im.height
 
 
-def resize(im: Image.Image, size: Optional[Tuple[int, int]]) -> Image.Image:
+def resize(im: Image.Image, size: Optional[Tuple[int, int]], crop: Optional[float] = None) -> Image.Image:
     """``im`` at ``size`` (height, width), bilinear; unchanged when ``size`` is None or already its size.
+
+    ``crop`` (a fraction in (0, 1]): resize keeping the aspect so that ``size`` is ``crop`` of the image on its
+    tighter side, then cut out the centre ``size`` (torchvision's Resize(256) + CenterCrop(224) is 0.875).
     Training's loader, the digits and the server all resize through here."""
-    if size is None or im.size == (size[1], size[0]):
+    if size is None:
         return im
-    return im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    h, w = size
+    if crop is None:
+        return im if im.size == (w, h) else im.resize((w, h), Image.Resampling.BILINEAR)
+    scale = max(h / im.height, w / im.width) / crop
+    big_w, big_h = max(w, round(im.width * scale)), max(h, round(im.height * scale))
+    left, top = (big_w - w) // 2, (big_h - h) // 2
+    if (big_w, big_h) != im.size:
+        im = im.resize((big_w, big_h), Image.Resampling.BILINEAR)
+    return im.crop((left, top, left + w, top + h))
 
 
 def decode_image(
@@ -72,10 +84,12 @@ def decode_image(
     *,
     max_pixels: int = MAX_PIXELS,
     name: Optional[str] = None,
+    crop: Optional[float] = None,
 ) -> np.ndarray:
     """Decode ``source`` to uint8 ``H x W x 3`` (``mode="RGB"``) or ``H x W`` (``"L"``).
 
-    ``size`` is ``(height, width)``; ``None`` keeps the image's own size (after EXIF rotation).
+    ``size`` is ``(height, width)``; ``None`` keeps the image's own size (after EXIF rotation); ``crop``: a
+    centre crop of that fraction instead of a stretch (:func:`resize`).
     ``max_pixels`` may be lowered (the server does) but not raised above :data:`MAX_PIXELS`, which
     Pillow enforces too. Raises :class:`ImageError` (:class:`ImageTooLarge` for the pixel limit)
     whose message starts with ``name`` (default: the path, or ``"image"`` for bytes).
@@ -86,7 +100,7 @@ def decode_image(
     with _opened(source, max_pixels, label) as im:
         try:
             upright = ImageOps.exif_transpose(im)
-            return np.array(resize(_to_8bit(upright).convert(mode), size), dtype=np.uint8)
+            return np.array(resize(_to_8bit(upright).convert(mode), size, crop), dtype=np.uint8)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # a frame beyond the header's size
             raise ImageTooLarge(f"{label}: image larger than {max_pixels} pixels") from None
         except Exception as err:  # noqa: BLE001 - decoding untrusted bytes: any failure means "not an image"

@@ -12,6 +12,9 @@ ImageFolder layouts:
   the user's split is kept; without ``val/``, a ``data.split.val`` fraction of train is carved out
   as validation, stratified and seeded.
 
+Class ``i`` is the ``i``-th folder name in sorted order, or in the label map's order (``data.labels``: a
+labels.txt or labels.json file, or a list) so that a brought model's output index means the same class.
+
 Each image is decoded once, by the decoder the server uses too (:func:`edgeopt.data.images.decode_image`).
 The decoded array is cached under the state dir, keyed by a hash of the raw files (their bytes and
 relative paths: read, not decoded) with the size and mode. ``load_data`` always runs, so a re-run over
@@ -22,6 +25,7 @@ unchanged files costs one read of the bytes and decodes nothing. That hash is al
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -39,6 +43,7 @@ from edgeopt.artifacts import Dataset, new_workdir
 from edgeopt.artifacts.npyrows import NpyRows, NpyWriter
 from edgeopt.config import DataConfig, resolve_path, state_dir
 from edgeopt.data import images
+from edgeopt.data.labels import in_label_order, read_label_map
 
 log = logging.getLogger(__name__)
 
@@ -74,22 +79,21 @@ def load_dataset(cfg: DataConfig, seed: int = 0, *, cache_dir: Optional[Path] = 
     read, each file as it is decoded, and the split (a matter of counts) after decoding, so a broken
     file is reported before a split it would have been part of.
     """
-    channels = 3 if cfg.source == "imagefolder" and not cfg.grayscale else 1
-    if cfg.mean is not None and len(cfg.mean) != channels:
-        raise DataError(f"data.mean has {len(cfg.mean)} values, the images have {channels} channel(s)")
+    stats = _statistics(cfg)
+    crop = _crop(cfg)
     if cfg.source == "digits":
-        pixels, y, classes, data_hash = _load_digits(cfg.image_size)
+        pixels, y, classes, data_hash = _load_digits(cfg.image_size, crop)
         parts = _random_split(y, cfg, seed, [f"digits class {c!r}" for c in classes], "digits")
         take: Take = pixels.__getitem__
         shape, scale, decoded, layout = pixels.shape[1:], 16.0, 0, "random"
     else:
         if cfg.root is None:
             raise DataError("data.root: required when data.source is 'imagefolder'")
-        folder = _scan(resolve_path(cfg.root))
+        folder = _scan(resolve_path(cfg.root), label_map(cfg))
         classes, y = folder.classes, folder.labels
         mode = "L" if cfg.grayscale else "RGB"
-        data_hash = _hash_files(folder, cfg.image_size, mode)
-        rows, decoded = _decoded(folder, cfg.image_size, mode, data_hash, cache_dir or state_dir() / "cache")
+        data_hash = _hash_files(folder, cfg.image_size, mode, crop, ordered=cfg.labels is not None)
+        rows, decoded = _decoded(folder, cfg.image_size, mode, data_hash, cache_dir or state_dir() / "cache", crop)
         if folder.split_of is None:
             names = [str(folder.root / c) for c in classes]
             parts, layout = _random_split(y, cfg, seed, names, str(folder.root)), "random"
@@ -98,13 +102,15 @@ def load_dataset(cfg: DataConfig, seed: int = 0, *, cache_dir: Optional[Path] = 
         take, shape, scale = rows.read, rows.shape[1:], 255.0
     out = new_workdir("data")
     sums, squares = _write_splits(out, take, y, parts, shape)
-    if cfg.mean is not None:
-        mean, std = np.asarray(cfg.mean, np.float32), np.asarray(cfg.std, np.float32)
+    if stats is not None:
+        mean, std = np.asarray(stats[0], np.float32), np.asarray(stats[1], np.float32)
     else:
         mean, std = _mean_std(sums, squares, len(parts["train"]) * shape[1] * shape[2], scale)
     input_shape = [int(s) for s in shape]
     sizes = {name: int(len(idx)) for name, idx in parts.items()}
+    resize = {"resize": cfg.resize.model_dump()} if crop is not None else {}  # only when not the default stretch
     ds = Dataset.write(out, {
+        **resize,
         "source": cfg.source,
         "root": str(cfg.root) if cfg.root else None,
         "layout": layout,
@@ -133,14 +139,12 @@ def check_data(cfg: DataConfig, seed: int = 0) -> int:
     whether the split can be drawn (images per class). Each problem is the :class:`DataError` that
     :func:`load_dataset` would raise later, naming the file or folder. Digits need no check.
     """
-    channels = 3 if cfg.source == "imagefolder" and not cfg.grayscale else 1
-    if cfg.mean is not None and len(cfg.mean) != channels:
-        raise DataError(f"data.mean has {len(cfg.mean)} values, the images have {channels} channel(s)")
+    _statistics(cfg, decided=False)
     if cfg.source == "digits":
         return 0
     if cfg.root is None:
         raise DataError("data.root: required when data.source is 'imagefolder'")
-    folder = _scan(resolve_path(cfg.root))
+    folder = _scan(resolve_path(cfg.root), label_map(cfg))
     for p in folder.files:
         _check_header(p)
     if folder.split_of is None:
@@ -148,6 +152,34 @@ def check_data(cfg: DataConfig, seed: int = 0) -> int:
     else:
         _given_split(folder, cfg, seed)
     return len(folder.files)
+
+
+def _statistics(cfg: DataConfig, decided: bool = True) -> Optional[Tuple[List[float], List[float]]]:
+    """The configured (mean, std), checked against the images' channels; None: the train split's (or, unless
+    ``decided``, ``auto``: to be decided before the run)."""
+    channels = 3 if cfg.source == "imagefolder" and not cfg.grayscale else 1
+    if not decided and cfg.mean == "auto":
+        return None
+    try:
+        stats = cfg.statistics()
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    if stats is not None and len(stats[0]) != channels:
+        raise DataError(f"data.mean has {len(stats[0])} values, the images have {channels} channel(s)")
+    return stats
+
+
+def _crop(cfg: DataConfig) -> Optional[float]:
+    """The centre-crop fraction when ``data.resize`` is center_crop; None: stretch."""
+    return cfg.resize.crop_fraction if cfg.resize.mode == "center_crop" else None
+
+
+def label_map(cfg: DataConfig) -> Optional[List[str]]:
+    """``data.labels`` read (:func:`edgeopt.data.labels.read_label_map`); None: sorted folder names."""
+    try:
+        return read_label_map(cfg.labels)
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 def _check_header(path: Path) -> None:
@@ -172,15 +204,16 @@ def _check_header(path: Path) -> None:
         raise DataError(f"{path}: not a readable image ({type(err).__name__}{': ' if reason else ''}{reason})") from None
 
 
-def _load_digits(size: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, np.ndarray, List[str], str]:
+def _load_digits(size: Optional[Tuple[int, int]] = None,
+                 crop: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray, List[str], str]:
     """Digits as uint8: their values are 0..16, stored exactly and divided by 16 (``scale``) as before;
-    resized (bilinear, values still 0..16) when ``size`` [height, width] is given."""
+    resized (bilinear, values still 0..16; centre-cropped with ``crop``) when ``size`` [height, width] is given."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     pixels = d.images.astype(np.uint8)
     if size is not None:
-        pixels = np.stack([np.asarray(images.resize(Image.fromarray(im), size)) for im in pixels])
+        pixels = np.stack([np.asarray(images.resize(Image.fromarray(im), size, crop)) for im in pixels])
     x = pixels[:, None, :, :]
     y = d.target.astype(np.int64)
     return x, y, [str(c) for c in d.target_names], hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
@@ -205,8 +238,9 @@ def _images_in(folder: Path) -> List[Path]:
     )
 
 
-def _scan(root: Path) -> _Folder:
-    """Find the classes and files, and whether ``root`` is pre-split; check the tree's shape."""
+def _scan(root: Path, names: Optional[List[str]] = None) -> _Folder:
+    """Find the classes (in the label map's order, when there is one) and files, and whether ``root`` is
+    pre-split; check the tree's shape."""
     subdirs = _subfolders(root)
     presplit = {"train", "test"} <= set(subdirs)
     if presplit:
@@ -225,6 +259,11 @@ def _scan(root: Path) -> _Folder:
         bases = [(root / s, SPLITS.index(s)) for s in present]
     else:
         classes, bases = subdirs, [(root, -1)]
+    if names is not None:
+        try:
+            classes = in_label_order(classes, names, root / "train" if presplit else root)
+        except ValueError as err:
+            raise DataError(str(err)) from None
     if len(classes) < 2:
         where = root / "train" if presplit else root
         raise DataError(f"{where}: an ImageFolder needs at least two class folders, found {len(classes)}")
@@ -283,8 +322,10 @@ def _given_split(folder: _Folder, cfg: DataConfig, seed: int) -> Dict[str, np.nd
     return parts
 
 
-def _hash_files(folder: _Folder, size: Optional[Tuple[int, int]], mode: str) -> str:
-    """sha256 over every file's relative path and bytes (not its pixels), the size and the mode."""
+def _hash_files(folder: _Folder, size: Optional[Tuple[int, int]], mode: str, crop: Optional[float] = None,
+                ordered: bool = False) -> str:
+    """sha256 over every file's relative path and bytes (not its pixels), the size and the mode; the centre
+    crop and the class order when they are not the defaults (stretch, sorted folder names)."""
     h = hashlib.sha256()
     for p in folder.files:
         rel = p.relative_to(folder.root).as_posix().encode()
@@ -297,11 +338,15 @@ def _hash_files(folder: _Folder, size: Optional[Tuple[int, int]], mode: str) -> 
             raise DataError(f"{p}: cannot read ({err.strerror or err})") from None
         h.update(len(rel).to_bytes(8, "little") + rel + file_hash.digest())
     h.update(f"size={list(size) if size else None};mode={mode}".encode())
+    if crop is not None:
+        h.update(f";center_crop={crop}".encode())
+    if ordered:
+        h.update(f";classes={json.dumps(folder.classes)}".encode())
     return h.hexdigest()
 
 
 def _decoded(folder: _Folder, size: Optional[Tuple[int, int]], mode: str, data_hash: str,
-             cache: Path) -> Tuple[NpyRows, int]:
+             cache: Path, crop: Optional[float] = None) -> Tuple[NpyRows, int]:
     """The folder's images as uint8 N x C x H x W in file order, and how many were decoded (0: cached).
 
     The entry is written under a temporary name and renamed when complete, so a crash or a
@@ -315,7 +360,7 @@ def _decoded(folder: _Folder, size: Optional[Tuple[int, int]], mode: str, data_h
     if not (entry / "images.npy").is_file():
         partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache))
         try:
-            _decode_all(folder, size, mode, partial / "images.npy")
+            _decode_all(folder, size, mode, partial / "images.npy", crop)
             try:
                 partial.rename(entry)
             except OSError:
@@ -329,14 +374,15 @@ def _decoded(folder: _Folder, size: Optional[Tuple[int, int]], mode: str, data_h
     return NpyRows(entry / "images.npy"), decoded
 
 
-def _decode_all(folder: _Folder, size: Optional[Tuple[int, int]], mode: str, dest: Path) -> None:
+def _decode_all(folder: _Folder, size: Optional[Tuple[int, int]], mode: str, dest: Path,
+                crop: Optional[float] = None) -> None:
     files = folder.files
-    first = _decode(files[0], size, mode)
+    first = _decode(files[0], size, mode, crop)
     c, h, w = (1, *first.shape) if first.ndim == 2 else (first.shape[2], *first.shape[:2])
     start, step = time.monotonic(), max(1, len(files) // 10)
     with NpyWriter(dest, (len(files), c, h, w), np.uint8) as out:
         for i, p in enumerate(files):
-            a = first if i == 0 else _decode(p, size, mode)
+            a = first if i == 0 else _decode(p, size, mode, crop)
             if a.shape != first.shape:
                 raise DataError(f"{p}: {a.shape[1]}x{a.shape[0]} pixels, but {files[0]} has {w}x{h}; "
                                 "set data.image_size to resize every image to one size")
@@ -346,9 +392,9 @@ def _decode_all(folder: _Folder, size: Optional[Tuple[int, int]], mode: str, des
                 log.info("load_data: decoded %d/%d images (%.0f/s)", i + 1, len(files), (i + 1) / max(elapsed, 1e-9))
 
 
-def _decode(path: Path, size: Optional[Tuple[int, int]], mode: str) -> np.ndarray:
+def _decode(path: Path, size: Optional[Tuple[int, int]], mode: str, crop: Optional[float] = None) -> np.ndarray:
     try:
-        return images.decode_image(path, size, mode)
+        return images.decode_image(path, size, mode, crop=crop)
     except images.ImageError as err:
         raise DataError(str(err)) from None
 

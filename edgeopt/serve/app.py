@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Dict, Optional, Sequence
@@ -38,6 +39,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from edgeopt.serve import ServeError
 from edgeopt.serve.guard import allowed_hosts, check_bind, check_tls
 from edgeopt.serve.inputs import DEFAULT_MAX_REQUEST_PIXELS, MAX_IMAGE_PIXELS, tensor_from_images, tensor_from_json
 from edgeopt.serve.protocol import DEFAULT_REQUEST_TIMEOUT_S, receipt_timeout_protocol
@@ -191,6 +193,36 @@ def create_app(root: Path, *, token: Optional[str] = None, max_body_bytes: int =
                                  "probabilities": p.tolist()} for i, p in zip(top, probs, strict=True)]}
 
     return app
+
+
+MODEL_URI = re.compile(r"models:/(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)@(?P<alias>[A-Za-z][A-Za-z0-9_-]*)")
+
+
+def deploy_folder_for(model_uri: str, tracking_uri: str, under: Path) -> Path:
+    """A deploy folder serving the version a registry alias names (``models:/<name>@<alias>``, MLflow's own
+    URI), built from the registry alone (:func:`edgeopt.deploy.champion.deploy_from_registry`: the version's
+    files, labels and preprocessing) under ``under/<name>@<alias>``; kept bundles are reused. The server
+    serves that version: a later move of the alias is picked up by the next ``serve -m``."""
+    m = MODEL_URI.fullmatch(model_uri.strip())
+    if m is None:
+        raise ServeError(f"{model_uri}: expected a registered model as models:/<name>@<alias>, e.g. "
+                         "models:/edgeopt-digits@champion")
+    from mlflow.exceptions import MlflowException
+
+    from edgeopt.deploy.bundle import DeployError
+    from edgeopt.deploy.champion import deploy_from_registry
+    from edgeopt.track.uri import redact_uri
+
+    root = Path(under) / f"{m['name']}@{m['alias']}"
+    try:
+        bundle = deploy_from_registry(uri=tracking_uri, name=m["name"], alias=m["alias"], root=root, keep=2)
+    except (MlflowException, DeployError, LookupError, OSError, ValueError) as err:
+        text = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise ServeError(f"{model_uri}: cannot be deployed from {redact_uri(tracking_uri)} ({text})") from None
+    if bundle is None:
+        raise ServeError(f"{model_uri}: no version of {m['name']} has the alias '{m['alias']}' in "
+                         f"{redact_uri(tracking_uri)} (set MLFLOW_TRACKING_URI or --tracking-uri to the registry)")
+    return root
 
 
 def serve(root: Path, *, host: str = "127.0.0.1", port: int = 8000, token: Optional[str] = None,

@@ -16,8 +16,10 @@ from zenml.enums import ExecutionStatus
 from zenml.logger import ZenMLConsoleHandler
 from zenml.utils import source_utils
 
-from edgeopt.artifacts import workdir_scope
+from edgeopt.artifacts import ModelArtifact, workdir_scope
 from edgeopt.config import FROM_CHECKOUT, PROJECT_ROOT, RunConfig, state_dir
+from edgeopt.env import zenml_store_text
+from edgeopt.plan import variant_plan
 from edgeopt.select.report import variants_table
 from edgeopt.track.uri import split_credentials
 from edgeopt_zenml.pipelines.compress import compress
@@ -111,15 +113,49 @@ def failed_step(run_name: str) -> Optional[Tuple[str, str, str]]:
     return failed[0].name, text, info.traceback
 
 
+def stack_tracking(cfg: RunConfig) -> Tuple[RunConfig, Optional[str]]:
+    """Where the run logs to MLflow: ``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else the active stack's
+    MLflow experiment tracker (its URI, its credentials in the environment as ZenML's own steps get them),
+    else the embedded store. Returns the config with that URI set when it came from the stack, and a note."""
+    if cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return cfg, None
+    try:
+        tracker = Client().active_stack.experiment_tracker
+    except Exception as err:  # noqa: BLE001 - a stack component whose flavor cannot load: say so, log locally
+        return cfg, f"the active stack's components cannot be loaded ({type(err).__name__}); MLflow: {cfg.tracking_uri()}"
+    if tracker is None:
+        return cfg, None
+    if tracker.flavor != "mlflow":
+        return cfg, (f"the stack's experiment tracker '{tracker.name}' is {tracker.flavor}, not MLflow (edgeopt's runs, "
+                     f"registry and promotion are MLflow's): logging to {cfg.tracking_uri()}")
+    mlflow_tracker: Any = tracker  # an MLFlowExperimentTracker (zenml.integrations.mlflow)
+    uri = mlflow_tracker.get_tracking_uri()
+    if not uri or uri.startswith("file:") or "://" not in uri:
+        return cfg, (f"the stack's MLflow tracker '{tracker.name}' keeps a local file store, which MLflow 3 refuses: "
+                     f"logging to {cfg.tracking_uri()}")
+    mlflow_tracker.configure_mlflow()  # its username/password/token into the environment, for MLflow's client
+    note = f"MLflow: the active stack's experiment tracker '{tracker.name}' ({split_credentials(uri)[0]})"
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})}), note
+
+
+def winner_model(run, cfg: RunConfig, winner: str) -> ModelArtifact:
+    """The model folder of a variant (``<name>@<runtime>``) of a finished run, from the step that built it."""
+    name = winner.split("@", 1)[0]
+    build = next(b for b in variant_plan(cfg).builds if b.name == name)
+    return output(run, build.export_id if build.precision == "fp32" else build.quantize_id, "model")
+
+
 def run_pipeline(cfg: RunConfig, *, enable_cache: bool = True, run_name: Optional[str] = None,
                  zenml_config: Optional[str] = None) -> Dict[str, Any]:
     """``zenml_config``: a ZenML run-config YAML (step settings, Docker, resources), e.g.
     infra/kubeflow/run_config.yaml; what this function sets (run name, cache, model) wins.
 
     A failed run raises :class:`RunFailed` naming the first failed step and its own error; the log
-    file it names has every traceback. The steps' work folders are removed when the run ends.
+    file it names has every traceback. The steps' work folders are removed when the run ends. With
+    ``deploy.enabled: false`` nothing is promoted or deployed (``promotion`` and ``bundle`` are None).
     """
     use_checkout_as_source_root()
+    cfg, tracking_note = stack_tracking(cfg)
     if cfg.tracking.uri:  # credentials travel in the environment, not in the pipeline's parameters
         uri, credentials = split_credentials(cfg.tracking.uri)
         os.environ.update(credentials)
@@ -145,12 +181,14 @@ def run_pipeline(cfg: RunConfig, *, enable_cache: bool = True, run_name: Optiona
             log.write(f"step {step[0]} failed:\n{step[2]}\n")
         raise RunFailed(f"{step[0]}: {step[1]}", log_path) from None
     ev, sel = output(run, "evaluate", "evaluation"), output(run, "select", "selection")
-    promotion, bundle = output(run, "promote", "promotion"), output(run, "deploy", "bundle")
-    if promotion.promoted:
-        m = promotion.metrics
+    promotion, bundle = (output(run, "promote", "promotion"), output(run, "deploy", "bundle")) if cfg.deploy.enabled \
+        else (None, None)
+    if sel.winner and (promotion is None or promotion.promoted):
+        m = promotion.metrics if promotion is not None else ev.result(sel.winner).metrics
+        where = (f"-> {promotion.registered_model} v{promotion.version} (alias '{promotion.alias}'), deployed to {bundle}"
+                 if promotion is not None else "(export only: nothing promoted or deployed)")
         headline = (
-            f"winner: {sel.winner} -> {promotion.registered_model} v{promotion.version} "
-            f"(alias '{promotion.alias}'), deployed to {bundle}\n"
+            f"winner: {sel.winner} {where}\n"
             f"  test accuracy {100 * m['test_accuracy']:.2f} %, test drop {m['test_accuracy_drop']:.2f} pt "
             f"(chosen on validation: val accuracy {100 * m['accuracy']:.2f} %, val drop {m['accuracy_drop']:.2f} pt; "
             f"test figures reported, never used to choose)\n"
@@ -158,8 +196,12 @@ def run_pipeline(cfg: RunConfig, *, enable_cache: bool = True, run_name: Optiona
             f"{100 * ev.reference.test_accuracy:.2f} %): {m['compression_ratio']:.1f}x smaller, "
             f"{m['speedup_vs_reference']:.2f}x lower p50 (noise ±{m['latency_noise_pct']:.1f} %)"
         )
+    elif promotion is None:
+        headline = f"no winner: {sel.reason}"
     else:
         headline = f"no promotion: {promotion.reason}" + (f"\n  deployed (unchanged): {bundle}" if bundle else "")
     cached = sorted(s for s, r in run.steps.items() if r.status == ExecutionStatus.CACHED)
     return {"run": run, "evaluation": ev, "selection": sel, "promotion": promotion, "bundle": bundle,
-            "cached_steps": cached, "table": variants_table(ev, sel), "headline": headline}
+            "cached_steps": cached, "table": variants_table(ev, sel), "headline": headline,
+            "tracking_uri": split_credentials(cfg.tracking_uri())[0],
+            "notes": [zenml_store_text(), *([tracking_note] if tracking_note else [])]}
