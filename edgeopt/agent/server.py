@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import importlib.util
 import ipaddress
 import json
 import logging
@@ -48,11 +47,11 @@ from starlette.routing import Route
 
 from edgeopt.agent import DEFAULT_PORT, MIN_TOKEN_CHARS, TOKEN_ENV
 from edgeopt.measure.latency import cpu_fingerprint
-from edgeopt.runtimes import RUNTIMES
+from edgeopt.runtimes import RUNTIMES, distribution, installed
 
 log = logging.getLogger("edgeopt.agent")
 
-MEMBER = re.compile(r"^(job\.json|inputs\.npy|latency\.npy|models/\d{1,4}/model\.(onnx|xml|bin))$")
+MEMBER = re.compile(r"^(job\.json|inputs\.npy|latency\.npy|models/\d{1,4}/model\.(onnx|xml|bin|tflite|pte))$")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent  # the folder holding the edgeopt package
 
 
@@ -76,12 +75,12 @@ class Settings:
         unknown = [r for r in self.runtimes if r not in RUNTIMES]
         if unknown or not self.runtimes:
             raise AgentConfigError(f"--runtimes: expected some of {', '.join(RUNTIMES)}, got {','.join(self.runtimes)}")
-        missing = [r for r in self.runtimes if importlib.util.find_spec(r) is None]
+        missing = [r for r in self.runtimes if not installed(r)]
         if missing:
             raise AgentConfigError(f"--runtimes: {', '.join(missing)} is not installed in this Python "
                                    f"({sys.executable})")
         if not self.fingerprint:
-            self.fingerprint = cpu_fingerprint(self.runtimes)
+            self.fingerprint = cpu_fingerprint([distribution(r) for r in self.runtimes])
 
 
 class JobError(Exception):
@@ -91,7 +90,7 @@ class JobError(Exception):
 
 
 def installed_runtimes() -> List[str]:
-    return [r for r in RUNTIMES if importlib.util.find_spec(r) is not None]
+    return [r for r in RUNTIMES if installed(r)]
 
 
 def _mb(n: float) -> str:

@@ -7,19 +7,18 @@ validation context, so this module imports no registry.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple
+from typing import Annotated, Any, Callable, Dict, List, Literal, Optional, Tuple
 
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, Field, ModelWrapValidatorHandler, ValidationInfo, field_validator, model_validator
 
 from edgeopt.config.base import Strict
-from edgeopt.config.paths import resolve_path, state_dir
+from edgeopt.config.data import MAX_IMAGE_SIDE, DataConfig, SplitConfig  # noqa: F401
+from edgeopt.config.paths import anchored, config_folder, resolve_path, state_dir
 from edgeopt.config.quant import QuantConfig
 from edgeopt.config.training import StudentConfig, TeacherConfig
 
-# Bounds of what a config may ask for: images larger than this on a side are not what an edge model
-# eats, and one such image alone is gigabytes as float32.
-MAX_IMAGE_SIDE = 2048
 MAX_LIST_ITEMS = 32
 
 
@@ -34,71 +33,126 @@ def _known_precision(name: str, info: ValidationInfo) -> str:
     return name
 
 
+def _by_technique(v: Any, info: ValidationInfo, expected: str, check: str) -> Any:
+    """A mapping technique -> its section, checked by the registries' ``check`` when they validate."""
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a mapping {expected}")
+    registries = _registries(info)
+    return v if registries is None else getattr(registries, check)(v)
+
+
 # A precision: fp32 or a recipe registered in edgeopt.precisions (fp16, int8, int8-dynamic, int8-acc, ...);
 # which formats each applies to: edgeopt.precisions.formats_for.
 Scheme = Annotated[str, AfterValidator(_known_precision)]
 
 
-class SplitConfig(Strict):
-    val: float = Field(0.15, gt=0, lt=0.5, description="Fraction of the data held out for validation.")
-    test: float = Field(0.25, gt=0, lt=0.5, description="Fraction of the data held out for the final test.")
+BASES = ("teacher", "student")
 
 
-class DataConfig(Strict):
-    source: Literal["digits", "imagefolder"] = Field(
-        "digits", description="'digits': scikit-learn's bundled 8x8 digits; 'imagefolder': root/<class>/*.png."
-    )
-    root: Optional[Path] = Field(None, description="ImageFolder root (required when source is 'imagefolder').")
-    image_size: Optional[Tuple[int, int]] = Field(
-        None, description="[height, width] to resize to; default: the data's own size (8x8 for digits)."
-    )
-    grayscale: bool = Field(False, description="Convert ImageFolder images to one channel.")
-    mean: Optional[List[float]] = Field(
-        None, description="Per-channel normalization mean (of pixels scaled to [0, 1]); default: the train split's. "
-                          "A pretrained torchvision teacher wants ImageNet's [0.485, 0.456, 0.406].",
-    )
-    std: Optional[List[float]] = Field(
-        None, description="Per-channel normalization std; default: the train split's (ImageNet: [0.229, 0.224, 0.225]).",
-    )
-    split: SplitConfig = SplitConfig()
+class SearchRange(Strict):
+    """One technique's part of the search space (``variants.search.shrink.<technique>``): the amounts as a
+    range, the options to choose among, and the technique's own options (its KD fine-tune included),
+    which every trial and every survivor gets."""
 
-    @field_validator("image_size")
+    range: Tuple[float, float] = Field(description="[lo, hi]: the amounts tried (a ratio, an energy, a sparsity), "
+                                                   "0 < lo < hi < 1.")
+    step: float = Field(0.05, gt=0, lt=1, description="Amounts are multiples of this (from lo): trials stay on a "
+                                                      "lattice, so the same amount is never fine-tuned twice.")
+    choices: Dict[str, List[Any]] = Field(
+        {}, description="Technique options to choose among, e.g. {importance: [l2, fpgm], round_to: [8, 16]}; "
+                        "each value is checked against the technique's schema.",
+    )
+    options: Any = Field(None, description="The technique's options (TechniqueOptions) once checked against the "
+                                           "registry; every other field of the section goes here.")
+
+    @field_validator("range")
     @classmethod
-    def _positive_size(cls, v):
-        if v is not None and min(v) < 4:
-            raise ValueError("each side must be at least 4 pixels")
-        if v is not None and max(v) > MAX_IMAGE_SIDE:
-            raise ValueError(f"each side must be at most {MAX_IMAGE_SIDE} pixels")
+    def _ordered(cls, v):
+        if not 0 < v[0] < v[1] < 1:
+            raise ValueError(f"expected 0 < lo < hi < 1, got {list(v)}")
         return v
 
-    @model_validator(mode="after")
-    def _mean_std_together(self):
-        if (self.mean is None) != (self.std is None):
-            raise ValueError("data.mean and data.std go together: set both or neither")
-        if self.std is not None and (len(self.std) != len(self.mean or []) or min(self.std) <= 0):
-            raise ValueError("data.std: one positive value per channel, as many as data.mean")
-        return self
+    @field_validator("choices")
+    @classmethod
+    def _few_choices(cls, v):
+        for name, values in v.items():
+            if not isinstance(values, list) or not values or len(values) > MAX_LIST_ITEMS:
+                raise ValueError(f"{name}: a list of 1 to {MAX_LIST_ITEMS} values")
+        return v
+
+
+class SearchBudget(Strict):
+    trials: Optional[int] = Field(16, ge=1, le=10000, description="Trials in the study, every worker and resumed "
+                                                                  "run together; null: only the wall limit.")
+    wall_minutes: Optional[float] = Field(None, gt=0, le=10080, description="A worker starts no trial after this "
+                                                                            "many minutes; null: only the trials.")
 
     @model_validator(mode="after")
-    def _root_for_imagefolder(self):
-        if self.source == "imagefolder":
-            if self.root is None:
-                raise ValueError("data.root is required when data.source is 'imagefolder'")
-            root = resolve_path(self.root)
-            if not root.is_dir():
-                what = "not a folder" if root.exists() else "folder not found"
-                raise ValueError(f"data.root: {what}: {self.root}")
+    def _some_limit(self):
+        if self.trials is None and self.wall_minutes is None:
+            raise ValueError("set trials, wall_minutes or both")
         return self
 
 
-BASES = ("teacher", "student")
+class SearchConfig(Strict):
+    """``variants.search``: instead of the grid of ``variants.shrink`` amounts, an Optuna study over the
+    structural techniques' amounts (``shrink``: ranges), each trial measured on the target before any
+    fine-tune; ``variants.bases``, ``quantization``, ``formats`` and ``runtimes`` are its other
+    dimensions, every combination measured per trial (README "Search")."""
+
+    shrink: Dict[str, Any] = Field(
+        min_length=1, description="technique -> {range: [lo, hi], step, choices: {option: [values]}, and the "
+                                  "technique's options: finetune_steps or finetune_epochs, lr, importance, round_to ...}.",
+    )
+    budget: SearchBudget = SearchBudget()
+    sampler: Literal["tpe", "gp"] = Field(
+        "tpe", description="tpe: Optuna's TPESampler(multivariate=True, constant_liar=True); gp: GPSampler.",
+    )
+    seed: Optional[int] = Field(None, ge=0, description="The sampler's seed; default: the run's seed.")
+    start_from_grid: bool = Field(True, description="Enqueue the amounts of variants.shrink (same technique) as "
+                                                    "the first trials.")
+    survivors: int = Field(2, ge=1, le=16, description="Candidates per base that get the full fine-tune, every "
+                                                       "precision and the pipeline's evaluation (variants <base>-s1...).")
+    short_finetune: float = Field(0.3, gt=0, le=1, description="The longest fine-tune inside the study, as a fraction "
+                                                               "of the technique's full fine-tune.")
+    rungs: int = Field(2, ge=1, le=5, description="Successive-halving rungs up to the short fine-tune.")
+    reduction_factor: int = Field(3, ge=2, le=10, description="Successive halving: a rung keeps the best "
+                                                              "1/reduction_factor and is this much longer than the last.")
+    accuracy_slack: float = Field(0.5, ge=0, le=100, description="Points of accuracy drop allowed beyond "
+                                                                 "target.constraints.max_accuracy_drop after a short "
+                                                                 "fine-tune (the full one recovers more).")
+    calibration_samples: int = Field(32, ge=1, le=100000, description="Calibration images of the latency-only "
+                                                                      "quantization inside a trial.")
+    workers: int = Field(1, ge=1, le=32, description="Pipeline steps that run trials of the one study (in parallel "
+                                                     "where the orchestrator runs steps in parallel).")
+    storage: Optional[str] = Field(
+        None, description="Optuna RDB storage URL, e.g. postgresql://user@host/db; default: search.db beside a "
+                          "SQLite tracking store, else in edgeopt's state folder.",
+    )
+    study: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$",
+                                 description="Study name; default: the run name and a hash of what the trials "
+                                             "depend on (config, data, base models).")
+
+    @field_validator("shrink", mode="before")
+    @classmethod
+    def _technique_ranges(cls, v, info: ValidationInfo):
+        return _by_technique(v, info, "{technique: {range: [lo, hi], ...}}", "search_space")
+
+    @field_validator("storage")
+    @classmethod
+    def _rdb(cls, v):
+        if v is not None and not v.startswith(("sqlite:////", "postgresql", "mysql")):
+            raise ValueError("an SQLAlchemy URL of a database: sqlite:////abs/path.db (absolute), postgresql://..., "
+                             "mysql://...")
+        return v
 
 
 class VariantsConfig(Strict):
     bases: List[Literal["teacher", "student"]] = Field(
-        ["teacher", "student"], min_length=1,
+        ["teacher"], min_length=1,
         description="Models that variants are made of: 'teacher' (the trained or brought model) and 'student' "
-                    "(the distilled one). The teacher's FP32 ONNX is always measured: it is the reference.",
+                    "(the distilled one); default: the teacher, and the student when there is a student section. "
+                    "The teacher's FP32 ONNX is always measured: it is the reference.",
     )
     shrink: Dict[str, Any] = Field(
         {}, description="Structural techniques for every base, by name (prune, lowrank, sparsity, or any "
@@ -118,6 +172,10 @@ class VariantsConfig(Strict):
         description="Runtimes to evaluate on (edgeopt.runtimes); each format runs on the runtimes that can read it.",
     )
     quant: QuantConfig = QuantConfig()
+    search: Optional[SearchConfig] = Field(
+        None, description="Search instead of the grid: the structural amounts as ranges, an Optuna study measured "
+                          "on the target before any fine-tune; null: the grid of variants.shrink.",
+    )
 
     @field_validator("bases", "quantization", "formats", "runtimes", mode="before")
     @classmethod
@@ -150,10 +208,7 @@ class VariantsConfig(Strict):
     @field_validator("shrink", mode="before")
     @classmethod
     def _technique_options(cls, v, info: ValidationInfo):
-        if not isinstance(v, dict):
-            raise ValueError("expected a mapping {technique: options}")
-        registries = _registries(info)
-        return v if registries is None else registries.techniques(v)
+        return _by_technique(v, info, "{technique: options}", "techniques")
 
 
 class ConstraintsConfig(Strict):
@@ -241,7 +296,8 @@ class RegistryConfig(Strict):
 
 class TrackingConfig(Strict):
     uri: Optional[str] = Field(
-        None, description="MLflow tracking URI; default: sqlite:///<checkout>/.edgeopt/mlflow.db."
+        None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI when set, else the stack's MLflow "
+                          "experiment tracker (edgeopt run), else sqlite:///<state dir>/mlflow.db."
     )
     experiment: str = Field(
         "edgeopt", pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]*$", max_length=200,
@@ -261,8 +317,21 @@ class TrackingConfig(Strict):
 
 
 class DeployConfig(Strict):
-    root: Path = Field(Path("deploy"), description="Deploy folder (relative paths are under the checkout).")
+    enabled: bool = Field(True, description="false: export only: the run selects, tracks and reports its winner "
+                                            "(edgeopt optimize --output writes its files) but promotes nothing to the "
+                                            "registry and deploys nothing.")
+    root: Path = Field(Path("deploy"), description="Deploy folder (relative to the config file's folder).")
     keep: int = Field(5, ge=1, le=1000, description="Bundles kept for rollback.")
+
+
+class ChecksConfig(Strict):
+    """What is checked before any step starts, beyond the inputs' pre-flight."""
+
+    near_chance: Literal["refuse", "warn"] = Field(
+        "refuse", description="A brought model that scores near chance on the validation split (usually a "
+                              "normalization, class order or resize that does not match how it was trained): refuse "
+                              "the run with the reason (default), or warn and go on (--force).",
+    )
 
 
 class RunConfig(Strict):
@@ -278,6 +347,7 @@ class RunConfig(Strict):
     registry: RegistryConfig = RegistryConfig()
     tracking: TrackingConfig = TrackingConfig()
     deploy: DeployConfig = DeployConfig()
+    checks: ChecksConfig = ChecksConfig()
     targets: List[DeviceTargetConfig] = Field(
         [], description="Devices that measure the variants, each through its agent; empty: measure on the machine "
                         "that runs evaluate (the default).",
@@ -299,8 +369,41 @@ class RunConfig(Strict):
             registries.plan(self)
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _bases_follow_sections(cls, data: Any) -> Any:
+        """Without ``variants.bases``: the teacher, and the student when the config has a student section."""
+        if isinstance(data, dict) and isinstance(data.get("variants", {}), dict) and "bases" not in data.get("variants", {}):
+            bases = ["teacher", "student"] if data.get("student") is not None else ["teacher"]
+            data = {**data, "variants": {**data.get("variants", {}), "bases": bases}}
+        return data
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _paths_from_config_folder(cls, data: Any, handler: ModelWrapValidatorHandler["RunConfig"],
+                                  info: ValidationInfo) -> "RunConfig":
+        """With ``config_dir`` in the validation context (the config file's folder), every relative path is
+        checked under it and then written as the run reads it (:func:`edgeopt.config.paths.anchored`)."""
+        folder = (info.context or {}).get("config_dir")
+        with config_folder(folder):
+            cfg = handler(data)
+        return cfg if folder is None else cfg.map_paths(lambda p: anchored(p, folder))
+
+    def map_paths(self, fn: Callable[[Optional[Path]], Optional[Path]]) -> "RunConfig":
+        """This config with ``fn`` applied to every file or folder path in it."""
+        data = self.data.model_copy(update={"root": fn(self.data.root), "labels": (
+            fn(self.data.labels) if isinstance(self.data.labels, Path) else self.data.labels)})
+        teacher = self.teacher.model_copy(update={"checkpoint": fn(self.teacher.checkpoint), "onnx": fn(self.teacher.onnx)})
+        student = self.student and self.student.model_copy(update={"checkpoint": fn(self.student.checkpoint)})
+        return self.model_copy(update={
+            "data": data, "teacher": teacher, "student": student,
+            "deploy": self.deploy.model_copy(update={"root": fn(self.deploy.root)}),
+            "targets": [t.model_copy(update={"ca_file": fn(t.ca_file)}) for t in self.targets],
+        })
+
     def tracking_uri(self) -> str:
-        return self.tracking.uri or f"sqlite:///{state_dir() / 'mlflow.db'}"
+        """``tracking.uri``, else ``MLFLOW_TRACKING_URI`` (MLflow's own convention), else the embedded store."""
+        return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow.db'}"
 
     def deploy_root(self) -> Path:
         return resolve_path(self.deploy.root)

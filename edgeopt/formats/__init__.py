@@ -2,13 +2,13 @@
 
 A format is one module with a :class:`~edgeopt.formats.base.Format` subclass: its file names, its
 ``source`` (an FP32 ONNX file, or the torch module), how to write it from that source, what to record
-about a file, and the runtimes that can run it. ``edgeopt.formats.export`` builds every variant's FP32
+about a file, and the runtimes that can run it. ``edgeopt.models.export`` builds every variant's FP32
 file from the source its format declares. Which precisions apply to a format is said by the precision
 recipes (``edgeopt.precisions``), each of which names the formats it has an implementation for. A new
 format is one module here plus one entry in ``_registry``: no ``format == "onnx"`` test lives anywhere else.
 
 The modules import their heavy libraries inside their methods, so the config can list formats
-without importing onnx or OpenVINO.
+without importing onnx, OpenVINO, torch, ExecuTorch or LiteRT.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from edgeopt.formats.base import Format
 def _registry() -> Dict[str, Format]:
     from edgeopt.formats.onnx import OnnxFormat
     from edgeopt.formats.openvino import OpenVINOFormat
+    from edgeopt.formats.pte import ExecuTorchFormat
+    from edgeopt.formats.tflite import TFLiteFormat, TFLiteNHWCFormat
 
-    return {f.name: f for f in (OnnxFormat(), OpenVINOFormat())}
+    return {f.name: f for f in (OnnxFormat(), OpenVINOFormat(), TFLiteFormat(), TFLiteNHWCFormat(), ExecuTorchFormat())}
 
 
 FORMATS: Dict[str, Format] = _registry()

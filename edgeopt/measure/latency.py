@@ -28,7 +28,7 @@ import numpy as np
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimddp")
 # the packages whose versions a fingerprint records, where installed
-RUNTIME_PACKAGES = ("onnxruntime", "openvino", "torch")
+RUNTIME_PACKAGES = ("onnxruntime", "openvino", "ai-edge-litert", "executorch", "torch")
 ACCURACY_BATCH = 64  # accuracy inputs are run in batches of this many rows, locally and on an agent
 
 

@@ -69,6 +69,25 @@ def checkpoint_onnx(ckpt: Checkpoint, model: nn.Module, path: Path) -> Path:
     return export_onnx(model, ckpt.manifest["input_shape"], path)
 
 
+def torch_of_onnx(ckpt: Checkpoint, dataset: Dataset) -> nn.Module:
+    """A base brought as ONNX as the torch model the torch-source formats are built from: its torch
+    conversion (a graph module, checked against the file), giving what the file gives (probabilities:
+    its final softmax put back into the graph)."""
+    from edgeopt.models.brought import torch_from_onnx
+
+    assert ckpt.onnx_file is not None
+    output = ckpt.manifest.get("output", "logits")
+    model = torch_from_onnx(ckpt.onnx_file, dataset, output, source=ckpt.manifest.get("source")).model
+    assert isinstance(model, torch.fx.GraphModule)
+    if output == "probabilities":
+        graph = model.graph
+        out = next(n for n in graph.nodes if n.op == "output")
+        with graph.inserting_before(out):
+            out.args = (graph.call_function(torch.softmax, (out.args[0], 1)),)
+        model.recompile()
+    return model
+
+
 def export_checkpoint(ckpt: Checkpoint, fmt: str, dataset: Dataset, variant: str) -> ModelArtifact:
     """FP32 export of a checkpoint to ``fmt``, named ``variant``, parity-checked on val images."""
     f = formats.get(fmt)
@@ -86,8 +105,9 @@ def export_checkpoint(ckpt: Checkpoint, fmt: str, dataset: Dataset, variant: str
         model = load_checkpoint(ckpt)
         out = new_workdir(variant)
         if f.source == "torch":
-            with traceable(model):  # a converted model's shape constants as torch.export reads them
-                model_file = f.from_torch(model, m["input_shape"], out)
+            source = model if ckpt.onnx_file is None else torch_of_onnx(ckpt, dataset)
+            with traceable(source):  # a converted model's shape constants as torch.export reads them
+                model_file = f.from_torch(source, m["input_shape"], out)
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 model_file = f.from_onnx(checkpoint_onnx(ckpt, model, Path(tmp) / "model.onnx"), out)

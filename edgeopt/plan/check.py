@@ -8,10 +8,12 @@ as the pydantic context, so every problem is reported like a schema error, one l
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 from edgeopt import formats, precisions
 from edgeopt.config import RunConfig, read_config, validate_config
+from edgeopt.config.load import apply_overrides
+from edgeopt.config.schema import SearchRange
 from edgeopt.measure.latency import cpu_info
 from edgeopt.plan.variants import variant_plan
 from edgeopt.runtimes import RUNTIMES
@@ -47,6 +49,41 @@ class Registries:
     def techniques(self, raw: Dict[str, Any]) -> Dict[str, TechniqueOptions]:
         return parse_options(raw)
 
+    def search_space(self, raw: Dict[str, Any]) -> Dict[str, SearchRange]:
+        """``variants.search.shrink``: each technique's range, step and choices, and its options checked
+        against its schema (every value of every choice too)."""
+        from pydantic import ValidationError
+
+        out = {}
+        for name, section in raw.items():
+            if isinstance(section, SearchRange):
+                out[name] = section
+                continue
+            if not isinstance(section, dict):
+                raise ValueError(f"{name}: expected a mapping {{range: [lo, hi], ...}}")
+            if "amounts" in section:
+                raise ValueError(f"{name}.amounts: a search takes a range: [lo, hi] (a grid's amounts go under "
+                                 f"variants.shrink, and start the search with start_from_grid)")
+            own = {k: section[k] for k in SearchRange.model_fields if k in section and k != "options"}
+            rest = {k: v for k, v in section.items() if k not in own}
+            if set(rest) == {"options"} and isinstance(rest["options"], dict):  # a config dumped after checking
+                rest = {k: v for k, v in rest["options"].items() if k != "amounts"}
+            try:
+                space = SearchRange.model_validate(own)
+            except ValidationError as err:
+                e = err.errors()[0]
+                where = ".".join(str(p) for p in (name, *e["loc"]))
+                raise ValueError(f"{where}: {e['msg'].removeprefix('Value error, ')}") from None
+            lo = space.range[0]
+            opts = parse_options({name: {**rest, "amounts": [lo]}})[name]
+            for option, values in space.choices.items():
+                if option == "amounts" or option not in type(opts).model_fields:
+                    raise ValueError(f"{name}.choices.{option}: not an option of {name}")
+                for value in values:
+                    parse_options({name: {**rest, option: value, "amounts": [lo]}})
+            out[name] = space.model_copy(update={"options": opts})
+        return out
+
     def plan(self, cfg: RunConfig) -> None:
         plan = variant_plan(cfg)
         missing = [b for b in cfg.variants.bases if not any(x.shrink.base == b for x in plan.builds)]
@@ -62,12 +99,15 @@ class Registries:
 CONTEXT = {"registries": Registries()}
 
 
-def parse_config(raw: Any, source: str = "config") -> RunConfig:
+def parse_config(raw: Any, source: str = "config", config_dir: Optional[Path] = None) -> RunConfig:
     """A config mapping validated against the schema and the registries; every problem is a one-line
-    ConfigError."""
-    return validate_config(raw, source, CONTEXT)
+    ConfigError. ``config_dir``: the folder its relative paths are relative to (a config file's own folder;
+    default: the project root)."""
+    return validate_config(raw, source, CONTEXT if config_dir is None else {**CONTEXT, "config_dir": config_dir})
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read, check and validate a run config file; every problem is a one-line ConfigError."""
-    return parse_config(read_config(path), str(path))
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read, check and validate a run config file, its relative paths relative to its own folder, with the
+    command line's ``--set key.path=value`` overrides applied; every problem is a one-line ConfigError."""
+    raw = apply_overrides(read_config(path), overrides)
+    return parse_config(raw, str(path), config_dir=Path(path).expanduser().absolute().parent)

@@ -1,7 +1,8 @@
 """The variant plan: every model a run builds and every (model, runtime) it measures, computed once.
 
 base (teacher | student) x shrink (none, or a technique at an amount; a brought ONNX teacher is shrunk
-  as its torch conversion, checked against the file when the shrink step runs)
+  as its torch conversion, checked against the file when the shrink step runs; with ``variants.search``,
+  the search's survivors instead of the grid's amounts: slots s1, s2 ... per base, filled at run time)
   x format (onnx | openvino) x precision (fp32 | fp16 | int8 ...) x runtime (those that read the format)
 
 The pipeline wires its steps from it, ``run.py validate`` prints it, bench/ and the tests read it;
@@ -27,7 +28,12 @@ class ShrinkSpec:
     base: str
     technique: Optional[str] = None
     amount: float = 0.0
-    tag: str = ""  # p50, lr90, sp50; empty for the base itself
+    tag: str = ""  # p50, lr90, sp50; s1, s2 for the search's survivors; empty for the base itself
+    slot: int = 0  # the search's n-th survivor of this base (technique and amount decided at run time); 0: none
+
+    @property
+    def searched(self) -> bool:
+        return self.slot > 0
 
     @property
     def key(self) -> str:
@@ -78,6 +84,7 @@ class Plan:
     builds: List[BuildSpec]
     reference: BuildSpec
     notes: List[str] = field(default_factory=list)
+    search_workers: List[str] = field(default_factory=list)  # step ids of the search's workers
 
     @property
     def reference_name(self) -> str:
@@ -98,11 +105,15 @@ def variant_plan(cfg: RunConfig) -> Plan:
     shrinks: List[ShrinkSpec] = []
     for base in v.bases:
         shrinks.append(ShrinkSpec(base))
-        if not v.shrink:
+        if not v.shrink and v.search is None:
             continue
         if base == "teacher" and cfg.teacher.onnx is not None:
-            notes.append(f"structural techniques ({', '.join(v.shrink)}) shrink the teacher's torch conversion "
+            techniques = v.search.shrink if v.search is not None else v.shrink
+            notes.append(f"structural techniques ({', '.join(techniques)}) shrink the teacher's torch conversion "
                          f"(onnx2torch), checked against {cfg.teacher.onnx.name} on validation images first")
+        if v.search is not None:
+            shrinks += [ShrinkSpec(base, tag=f"s{k}", slot=k) for k in range(1, v.search.survivors + 1)]
+            continue
         from edgeopt.shrink.base import get
 
         for name, opts in v.shrink.items():
@@ -124,4 +135,10 @@ def variant_plan(cfg: RunConfig) -> Plan:
     elif ref_runtime not in reference.runtimes:
         builds[builds.index(reference)] = reference = BuildSpec(
             reference.shrink, REFERENCE_FORMAT, REFERENCE_PRECISION, (ref_runtime, *reference.runtimes))
-    return Plan(shrinks=shrinks, builds=builds, reference=reference, notes=notes)
+    workers = []
+    if v.search is not None:
+        workers = [f"search_worker_{i}" for i in range(v.search.workers)]
+        notes.append(f"search: an Optuna study ({v.search.sampler}, budget {v.search.budget.model_dump()}) over "
+                     f"{', '.join(v.search.shrink)}; its {v.search.survivors} best per base become the <base>-s<n> "
+                     f"variants (technique and amount decided at run time)")
+    return Plan(shrinks=shrinks, builds=builds, reference=reference, notes=notes, search_workers=workers)

@@ -16,10 +16,12 @@ int8          ONNX Runtime static QDQ (U8S8 on x86)           NNCF post-training
 int8-bf16     (none)                                          int8's NNCF IR, float layers in bf16 (AVX512_BF16/AMX)
 int8-dynamic  ONNX Runtime dynamic INT8 of MatMul              (none: an ONNX Runtime technique)
 int8-acc      NNCF accuracy control, ONNX backend             NNCF accuracy control, OpenVINO backend
+int8-qat      PT2E QAT with KD from FP32, as ONNX QDQ (U8S8)  the same QDQ model as IR (FakeQuantize)
 ============  ==============================================  ==============================================
 
 bf16, fp16-native and int8-bf16 carry their precision in the IR (``native.py``); ``validate`` refuses
 them on a CPU without the flags they name (``Precision.cpu_flags``).
+int8-qat fine-tunes the torch conversion of the FP32 ONNX file (for IR: the ``source.onnx`` kept beside it).
 
 The modules import onnx, ONNX Runtime, OpenVINO and NNCF inside their functions only, so the
 config validates ``variants.quant`` without them. Usable from a notebook, on artifacts or on files::
@@ -31,7 +33,7 @@ config validates ``variants.quant`` without them. Usable from a notebook, on art
 """
 
 # The built-in recipes register themselves on import.
-from edgeopt.precisions import fp16, int8, int8_acc, int8_dynamic, native  # noqa: E402,F401,I001
+from edgeopt.precisions import fp16, int8, int8_acc, int8_dynamic, native, qat  # noqa: E402,F401,I001
 from edgeopt.precisions.base import (  # noqa: F401  (the package's interface)
     IDENTITY,
     REGISTRY,

@@ -1,4 +1,4 @@
-"""Runtimes: one Predictor interface over ONNX Runtime, OpenVINO and torch eager.
+"""Runtimes: one Predictor interface over ONNX Runtime, OpenVINO, LiteRT, ExecuTorch and torch eager.
 
 A predictor is built for a fixed thread count (the target's) and maps a float32 NCHW batch to the
 model's output. It records what it really ran with (``settings``), e.g. the precision OpenVINO
@@ -6,15 +6,17 @@ used. Each runtime is one module of this package; its heavy library is imported 
 runtime is used, so the server (which never runs torch) does not load torch, and
 ``import edgeopt.runtimes`` costs nothing.
 
-A new runtime is one module with a ``Predictor`` subclass and one line in ``RUNTIMES``.
+A new runtime is one module with a ``Predictor`` subclass and one line in ``RUNTIMES`` (and one in
+``PACKAGES`` where its Python package is not named like it).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
@@ -22,7 +24,25 @@ import numpy as np
 RUNTIMES: Dict[str, str] = {
     "onnxruntime": "edgeopt.runtimes.onnxruntime:OrtPredictor",
     "openvino": "edgeopt.runtimes.openvino:OpenVINOPredictor",
+    "litert": "edgeopt.runtimes.litert:LiteRTPredictor",
+    "executorch": "edgeopt.runtimes.executorch:ExecuTorchPredictor",
 }
+# runtime name -> (the module it imports, the distribution that installs it) where they are not its name:
+# an edge agent offers the runtimes whose module it finds, and its fingerprint records their versions
+PACKAGES: Dict[str, Tuple[str, str]] = {"litert": ("ai_edge_litert", "ai-edge-litert")}
+
+
+def installed(runtime: str) -> bool:
+    """Whether this Python has the runtime's package (found, not imported)."""
+    try:
+        return importlib.util.find_spec(PACKAGES.get(runtime, (runtime, runtime))[0]) is not None
+    except ImportError:  # a finder that refuses it outright
+        return False
+
+
+def distribution(runtime: str) -> str:
+    """The name of the runtime's Python distribution (for its version)."""
+    return PACKAGES.get(runtime, (runtime, runtime))[1]
 
 
 class Predictor(ABC):

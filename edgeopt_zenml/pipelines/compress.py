@@ -1,7 +1,8 @@
 """The main pipeline, wired from the variant plan (``edgeopt.plan.variants``): data -> teacher (trained or
 brought) -> KD student -> per base: shrink x export x precision -> evaluate -> select -> track ->
-promote -> deploy. Static (one invocation per variant, each with its own id), so it compiles to
-Kubeflow as parallel branches as well as it runs on the local orchestrator."""
+promote -> deploy (these two skipped with ``deploy.enabled: false``: export only). Static (one invocation
+per variant, each with its own id), so it compiles to Kubeflow as parallel branches as well as it runs
+on the local orchestrator."""
 
 from zenml import pipeline
 
@@ -21,7 +22,16 @@ from edgeopt_zenml.steps import (
     track,
     train_teacher,
 )
+from edgeopt_zenml.steps.search import finetune_survivor, search_summary, search_worker, track_search
 from edgeopt_zenml.steps.targets import track_targets
+
+
+def _search(plan, config: dict, dataset, teacher, bases: list):
+    """``variants.search``: its workers (parallel where the orchestrator runs steps in parallel), then the
+    study's report, table and survivors."""
+    workers = [search_worker(dataset, teacher, bases, config=config, worker=i, id=step_id)
+               for i, step_id in enumerate(plan.search_workers)]
+    return search_summary(workers, dataset, bases, config=config)
 
 
 @pipeline
@@ -38,13 +48,21 @@ def compress(config: dict) -> None:
         start = cfg.student.checkpoint
         bases["student"] = distill_student(dataset, teacher, student=cfg.student.model_dump(mode="json"),
                                            seed=cfg.seed, source_sha256=file_sha256(start) if start else None)
-    checkpoints = {
-        s.key: bases[s.base] if s.technique is None else shrink(
-            bases[s.base], teacher, dataset, technique=s.technique, amount=s.amount,
-            options={**v.shrink[s.technique].model_dump(mode="json"), "amounts": [s.amount]}, seed=cfg.seed, id=s.step_id,
-        )
-        for s in plan.shrinks
-    }
+    searched = _search(plan, config, dataset, teacher, [bases[b] for b in v.bases]) if v.search is not None else None
+    checkpoints = {}
+    for s in plan.shrinks:
+        if s.searched:  # the search's survivor in this slot, fully fine-tuned
+            assert searched is not None
+            checkpoints[s.key] = finetune_survivor(searched[2], bases[s.base], teacher, dataset, base_name=s.base,
+                                                   slot=s.slot, seed=cfg.seed, id=s.step_id)
+        elif s.technique is None:
+            checkpoints[s.key] = bases[s.base]
+        else:
+            checkpoints[s.key] = shrink(
+                bases[s.base], teacher, dataset, technique=s.technique, amount=s.amount,
+                options={**v.shrink[s.technique].model_dump(mode="json"), "amounts": [s.amount]}, seed=cfg.seed,
+                id=s.step_id,
+            )
     exports, models = {}, []
     for b in plan.builds:
         if b.export_id not in exports:
@@ -67,6 +85,10 @@ def compress(config: dict) -> None:
     )
     runs = track(evaluation, selection, decision, report, plot, models, dataset, config=config, tracking_uri=uri,
                  experiment=cfg.tracking.experiment)
+    if searched is not None:  # every trial as a run nested under the pipeline's run
+        track_search(searched[0], searched[1], runs, tracking_uri=uri)
+    if not cfg.deploy.enabled:  # export only: selected, tracked and reported; nothing promoted or deployed
+        return
     promotion = promote(evaluation, selection, decision, runs, tracking_uri=uri,
                         registered_model=cfg.registry.name, alias=cfg.registry.alias)
     if cfg.targets:  # per-device metrics; the other devices' winners to their own aliases

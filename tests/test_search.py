@@ -1,0 +1,221 @@
+"""Search, not a grid (variants.search): a study that resumes after SIGKILL, workers in parallel on one
+SQLite study, rejection before any fine-tune (the fine-tunes counted), the same trials for the same seed,
+and a size target met with the least pruning, through the pipeline's own evaluate, select and promote."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import edgeopt.shrink.run as shrink_run
+from edgeopt.plan import parse_config
+from edgeopt.search.outcome import render, search_report
+from edgeopt.search.probe import Prober
+from edgeopt.search.space import Candidate
+from edgeopt.search.study import open_study, run_worker, study_name
+from tests._tiny import ROOT, TINY
+
+# The tiny student on digits, pruned 0.2 ... 0.8, measured as FP32 ONNX on ONNX Runtime
+SEARCH = {"shrink": {"prune": {"range": [0.2, 0.8], "step": 0.2, "finetune_epochs": 2, "lr": 0.02, "round_to": None}},
+          "budget": {"trials": 4}, "survivors": 1, "start_from_grid": False}
+WORKER = """
+import json, sys
+from edgeopt.artifacts import Checkpoint, Dataset
+from edgeopt.plan import parse_config
+from edgeopt.search.study import run_worker
+cfg = parse_config(json.load(open(sys.argv[1])))
+out = run_worker(cfg, Dataset(sys.argv[2]), {"student": Checkpoint(sys.argv[3])}, Checkpoint(sys.argv[4]), int(sys.argv[5]))
+print("WORKER " + json.dumps(out))
+"""
+
+
+def search_config(tmp_path, tiny_raw, name="s", objective="size", constraints=None, **search):
+    raw = {**tiny_raw, "variants": {**TINY["variants"], "formats": ["onnx"], "runtimes": ["onnxruntime"],
+                                    "quantization": ["fp32"],
+                                    "search": {**SEARCH, "storage": f"sqlite:///{tmp_path / 'search.db'}",
+                                               "study": name, **search}},
+           "selection": {"objective": objective},
+           "target": {**TINY["target"], "constraints": {"max_accuracy_drop": 10.0, **(constraints or {})}}}
+    return parse_config(raw)
+
+
+def trials_of(cfg, digits, student_ckpt):
+    return search_report(cfg, digits, {"student": student_ckpt}).trials
+
+
+def spawn(cfg, tmp_path, digits, student_ckpt, teacher_ckpt, worker=0):
+    path = tmp_path / f"config-{worker}.json"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(path), str(digits.path), str(student_ckpt.path),
+                             str(teacher_ckpt.path), str(worker)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+def summary(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(next(line for line in out.splitlines() if line.startswith("WORKER "))[7:])
+
+
+@pytest.fixture
+def fine_tunes(monkeypatch):
+    """Every KD fine-tune run in this process (``fit`` as shrink_base calls it), by its step count."""
+    calls = []
+    real = shrink_run.fit
+
+    def counted(model, dataset, cfg, **kw):
+        calls.append(cfg.steps)
+        return real(model, dataset, cfg, **kw)
+
+    monkeypatch.setattr(shrink_run, "fit", counted)
+    return calls
+
+
+def test_the_search_section_is_checked_up_front_and_replaces_the_grid(tiny_raw):
+    from edgeopt.config import ConfigError
+    from edgeopt.plan import variant_plan
+
+    def variants(**search):
+        return {**tiny_raw, "variants": {**TINY["variants"], "search": {**SEARCH, **search}}}
+
+    cfg = parse_config(variants(survivors=2))
+    assert parse_config(cfg.model_dump(mode="json")) == cfg  # the pipeline gets the config dumped
+    plan = variant_plan(cfg)
+    assert [s.key for s in plan.shrinks] == ["teacher", "student", "student-s1", "student-s2"]  # no grid amount
+    assert "student-s2-int8-openvino@openvino" in plan.names() and plan.search_workers == ["search_worker_0"]
+    for bad, message in [
+        ({"shrink": {"prune": {"range": [0.6, 0.2]}}}, "prune.range: expected 0 < lo < hi < 1"),
+        ({"shrink": {"prune": {"amounts": [0.2]}}}, "prune.amounts: a search takes a range"),
+        ({"shrink": {"prune": {"range": [0.2, 0.4], "choices": {"importance": ["l2", "nope"]}}}}, "prune.importance"),
+        ({"shrink": {"prune": {"range": [0.2, 0.4], "choices": {"colour": ["red"]}}}}, "not an option of prune"),
+        ({"shrink": {"magic": {"range": [0.2, 0.4]}}}, "unknown technique 'magic'"),
+        ({"budget": {"trials": None, "wall_minutes": None}}, "set trials, wall_minutes or both"),
+        ({"storage": "sqlite:///relative.db"}, "absolute"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_config(variants(**bad))
+
+
+def sizes_at(cfg, digits, teacher_ckpt, student_ckpt, amounts):
+    """The FP32 ONNX size of the student pruned by each amount (no fine-tune: it does not change the size)."""
+    with Prober(cfg, digits, {"student": student_ckpt}, teacher_ckpt, 0) as prober:
+        return [prober.probe(Candidate("student", "prune", a)).combos["fp32-onnx@onnxruntime"].size_mb
+                for a in amounts]
+
+
+def test_a_study_killed_mid_trial_resumes_without_repeating_finished_trials(tmp_path, tiny_raw, digits,
+                                                                           teacher_ckpt, student_ckpt):
+    import optuna
+
+    cfg = search_config(tmp_path, tiny_raw, "resume", budget={"trials": 4})
+    name = study_name(cfg, digits, {"student": student_ckpt})
+    proc = spawn(cfg, tmp_path, digits, student_ckpt, teacher_ckpt)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        try:
+            trials = optuna.load_study(study_name=name, storage=cfg.variants.search.storage).get_trials()
+        except KeyError:  # not created yet
+            continue
+        finished = [t for t in trials if t.state.is_finished()]
+        running = [t for t in trials if t.state.name == "RUNNING" and "worker" in t.user_attrs]
+        if finished and running:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the worker finished before it could be killed mid-trial"
+    before = {t.number: (t.state.name, t.user_attrs.get("stop")) for t in finished}
+    killed = running[0].number
+
+    resumed = run_worker(cfg, digits, {"student": student_ckpt}, teacher_ckpt)
+    after = {t.number: t for t in trials_of(cfg, digits, student_ckpt)}
+    assert {n: (after[n].state, after[n].stop) for n in before} == before  # finished trials kept as they were
+    assert after[killed].state == "FAIL" and after[killed].stop.startswith("killed")
+    assert not set(resumed["trials"]) & set(before)  # none of them ran again
+    counted = [t for t in after.values() if t.state in ("COMPLETE", "PRUNED")]
+    assert len(counted) + sum(t.state == "RUNNING" for t in after.values()) == 4  # the budget, across both runs
+    again = int(after[killed].stop.rsplit("#", 1)[1])  # the killed trial's candidate, enqueued again
+    assert again in resumed["trials"] and after[again].amount == after[killed].amount
+    for t in after.values():  # a candidate finished before the kill is never trained again
+        if t.number in resumed["trials"] and any(after[n].amount == t.amount for n in before):
+            assert t.stop.startswith("the same model as trial")
+
+
+def test_two_workers_on_one_sqlite_study_run_disjoint_trials(tmp_path, tiny_raw, digits, teacher_ckpt, student_ckpt):
+    cfg = search_config(tmp_path, tiny_raw, "pair", budget={"trials": 4})
+    open_study(cfg, study_name(cfg, digits, {"student": student_ckpt}))  # the tables, before two processes race
+    procs = [spawn(cfg, tmp_path, digits, student_ckpt, teacher_ckpt, worker=i) for i in range(2)]
+    a, b = (summary(p) for p in procs)
+    assert a["worker"] != b["worker"] and a["trials"] and b["trials"]
+    assert not set(a["trials"]) & set(b["trials"])
+    trials = trials_of(cfg, digits, student_ckpt)
+    assert sorted(a["trials"] + b["trials"]) == [t.number for t in trials]
+    assert {t.worker for t in trials} == {a["worker"], b["worker"]}
+    assert all(t.state in ("COMPLETE", "PRUNED") for t in trials)
+
+
+def test_a_size_target_is_met_with_the_least_pruning_and_rejected_candidates_are_never_trained(
+        tmp_path, tiny_raw, digits, teacher_ckpt, student_ckpt, fine_tunes):
+    sizes = sizes_at(search_config(tmp_path, tiny_raw), digits, teacher_ckpt, student_ckpt, (0.2, 0.4))
+    assert sizes[1] < sizes[0] and not fine_tunes
+    # 0.2 (and the student itself) break the target, 0.4 meets it, 0.6 and 0.8 prune more than that
+    cfg = search_config(tmp_path, tiny_raw, "target", objective="latency",
+                        constraints={"max_size_mb": (sizes[0] + sizes[1]) / 2}, start_from_grid=True)
+    cfg = parse_config({**cfg.model_dump(mode="json"), "variants": {
+        **cfg.model_dump(mode="json")["variants"],
+        "shrink": {"prune": {"amounts": [0.2, 0.4, 0.6, 0.8], "round_to": None}}}})
+    run_worker(cfg, digits, {"student": student_ckpt}, teacher_ckpt)
+    report = search_report(cfg, digits, {"student": student_ckpt})
+    by_amount = {t.amount: t for t in report.trials}
+    assert sorted(by_amount) == [0.2, 0.4, 0.6, 0.8], render(report)
+    assert "breaks the target" in by_amount[0.2].stop
+    assert all("dominated" in by_amount[a].stop for a in (0.6, 0.8)), render(report)
+    assert report.objective["student"] == "least compression that meets the target"
+    trained = [t for t in report.trials if t.rungs]
+    assert [t.amount for t in trained] == [0.4]
+    assert fine_tunes == [r[0] for r in by_amount[0.4].rungs]  # the only fine-tunes: 0.4's rungs
+    assert [(s.slot, s.amount) for s in report.survivors] == [(1, 0.4)]
+    assert "least compression that meets the target" in report.survivors[0].why
+
+
+def test_the_same_seed_gives_the_same_trials(tmp_path, tiny_raw, digits, teacher_ckpt, student_ckpt):
+    def trials(name, seed):
+        cfg = search_config(tmp_path, tiny_raw, name, budget={"trials": 5}, seed=seed)
+        run_worker(cfg, digits, {"student": student_ckpt}, teacher_ckpt)
+        report = search_report(cfg, digits, {"student": student_ckpt})
+        return [(t.amount, t.state, t.stop.split(":")[0], t.value) for t in report.trials], report.survivors
+
+    first, again = trials("seed-a", 3), trials("seed-b", 3)
+    assert first == again
+    assert len({a for a, *_ in first[0]}) > 1  # the sampler moved
+
+
+@pytest.mark.slow  # a whole pipeline run
+def test_the_pipeline_promotes_the_survivor_that_meets_the_target(tmp_path, tiny_raw, digits, teacher_ckpt,
+                                                                  student_ckpt):
+    from edgeopt_zenml.pipelines.runner import run_pipeline
+
+    small, large = sizes_at(search_config(tmp_path, tiny_raw), digits, teacher_ckpt, student_ckpt, (0.4, 0.2))
+    target = (small + large) / 2  # met from 0.4 on; a tiny student pruned that much loses points: allow them
+    cfg = search_config(tmp_path, tiny_raw, "pipeline", objective="latency", budget={"trials": 3},
+                        constraints={"max_size_mb": target, "max_accuracy_drop": 40.0}, start_from_grid=True)
+    raw = cfg.model_dump(mode="json")
+    raw["variants"]["shrink"] = {"prune": {"amounts": [0.2, 0.4, 0.6], "round_to": None}}
+    cfg = parse_config(raw)
+    result = run_pipeline(cfg, run_name="search-pipeline")
+    ev, sel = result["evaluation"], result["selection"]
+    names = {r.variant for r in ev.results}
+    assert "student-s1-fp32-onnx@onnxruntime" in names
+    report = search_report(cfg, digits, {"student": student_ckpt})
+    s1 = report.slot("student", 1)
+    met = [t for t in report.trials if t.combos and all(c["size_mb"] <= target for c in t.combos.values())]
+    assert s1 is not None and met and s1.amount == min(t.amount for t in met)
+    assert sel.winner == "student-s1-fp32-onnx@onnxruntime", sel.reason
+    s1_result = ev.result(sel.winner)
+    assert s1_result.metrics["size_mb"] <= target and s1_result.recipe["amount"] == s1.amount
+    assert result["promotion"] is not None
