@@ -120,7 +120,7 @@ def test_a_study_killed_mid_trial_resumes_without_repeating_finished_trials(tmp_
         time.sleep(0.3)
         try:
             trials = optuna.load_study(study_name=name, storage=cfg.variants.search.storage).get_trials()
-        except KeyError:  # not created yet
+        except Exception:  # noqa: BLE001 - not created yet, its tables being created, or locked a moment
             continue
         finished = [t for t in trials if t.state.is_finished()]
         running = [t for t in trials if t.state.name == "RUNNING" and "worker" in t.user_attrs]
@@ -185,7 +185,7 @@ def test_a_size_target_is_met_with_the_least_pruning_and_rejected_candidates_are
 
 def test_the_same_seed_gives_the_same_trials(tmp_path, tiny_raw, digits, teacher_ckpt, student_ckpt):
     def trials(name, seed):
-        cfg = search_config(tmp_path, tiny_raw, name, budget={"trials": 5}, seed=seed)
+        cfg = search_config(tmp_path, tiny_raw, name, budget={"trials": 4}, seed=seed)
         run_worker(cfg, digits, {"student": student_ckpt}, teacher_ckpt)
         report = search_report(cfg, digits, {"student": student_ckpt})
         return [(t.amount, t.state, t.stop.split(":")[0], t.value) for t in report.trials], report.survivors
