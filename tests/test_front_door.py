@@ -388,7 +388,9 @@ def test_optimize_in_python_then_serve_the_registered_model(shapes_model, tmp_pa
     _check_output(tmp_path / "out", result.to_json())
     assert result.files["model"].is_file() and result.winner in result.table
     assert result.report["promotion"]["promoted"] and result.config["deploy"]["enabled"]
-    root = deploy_folder_for("models:/edgeopt-shapes-api@champion", f"sqlite:///{state_dir() / 'mlflow.db'}",
+    # the store the run logged to (the embedded one, or the active stack's MLflow tracker an earlier test left)
+    used = result.report["tracking_uri"] or f"sqlite:///{state_dir() / 'mlflow.db'}"
+    root = deploy_folder_for("models:/edgeopt-shapes-api@champion", used,
                              tmp_path / "serve")
     served = load_bundle(root, "current")
     assert served.labels == ["circle", "square", "triangle"] and served.bundle.manifest["variant"] == result.winner
