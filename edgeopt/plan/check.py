@@ -91,9 +91,14 @@ class Registries:
             v = cfg.variants
             raise ValueError(
                 f"no variant of the {missing[0]}: no format in {v.formats} runs on a runtime in {v.runtimes} with a "
-                f"precision in {v.quantization} (onnx runs on onnxruntime/openvino, openvino IR on openvino; "
-                f"int8-dynamic is ONNX-only)"
+                f"precision in {v.quantization} ({'; '.join(_readers(f) for f in v.formats)})"
             )
+
+
+def _readers(fmt: str) -> str:
+    """What can make a variant of ``fmt``, e.g. 'openvino runs on openvino, with fp32, fp16, int8, ...'."""
+    kinds = [p for p in precisions.names() if fmt in precisions.formats_for(p)]
+    return f"{fmt} runs on {'/'.join(formats.get(fmt).runtimes)}, with {', '.join(kinds)}"
 
 
 CONTEXT = {"registries": Registries()}
