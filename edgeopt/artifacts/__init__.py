@@ -73,13 +73,13 @@ def remove_orphaned_workroots(tmp: Optional[Path] = None) -> List[Path]:
     removed = []
     for p in Path(tmp or tempfile.gettempdir()).glob("edgeopt-*-*"):
         pid = p.name.split("-")[1]
-        if p.is_dir() and pid.isdigit() and not _alive(int(pid)):
+        if p.is_dir() and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -26,8 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from edgeopt.artifacts import Checkpoint, Dataset
-from edgeopt.artifacts import _alive as alive  # whether a process of this host still runs
+from edgeopt.artifacts import Checkpoint, Dataset, process_alive
 from edgeopt.config import RunConfig, state_dir
 from edgeopt.search.probe import Prober, full_steps, rung_steps
 from edgeopt.search.space import Candidate, Combo, Judge, Probe, grid_params, suggest
@@ -132,7 +131,7 @@ def recover(study: Any) -> List[int]:
     host, out = socket.gethostname(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         h, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-        if h != host or not pid.isdigit() or alive(int(pid)):
+        if h != host or not pid.isdigit() or process_alive(int(pid)):
             continue
         try:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
