@@ -20,6 +20,7 @@ from edgeopt.deploy import champion as dep
 from edgeopt.registry import lease as registry
 from edgeopt.registry.versions import alias_version
 from edgeopt.select.promotion import decide
+from edgeopt.track.runs import config_params
 from edgeopt.track.uri import client_for, redact_uri, split_credentials
 from tests._deploy_kit import (
     DATASET,
@@ -73,6 +74,9 @@ def test_tracking_credentials_are_redacted():
         "postgresql://***@db/mlflow?sslpassword=***&sslmode=require"
     assert redact_uri("sqlite:////home/a@b/mlflow.db") == "sqlite:////home/a@b/mlflow.db"
     assert redact_uri("https://mlflow.example.com") == "https://mlflow.example.com"
+    params = config_params({"tracking": {"uri": "http://alice:s3cret@h:5000"},
+                            "variants": {"search": {"storage": "postgresql://u:pw@db/optuna"}}})
+    assert params == {"tracking.uri": "http://***@h:5000", "variants.search.storage": "postgresql://***@db/optuna"}
 
 
 def test_tracking_credentials_leave_the_uri_for_the_environment_and_still_authenticate(monkeypatch):

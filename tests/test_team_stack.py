@@ -9,6 +9,7 @@ import concurrent.futures
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from bench.serve_load import running_server
 from edgeopt.config import PROJECT_ROOT
 from edgeopt.registry.versions import download_version
 from infra.team.stack import BUCKET, STACK, ZENML_USER, TeamStack
+from tests._search import check_two_workers_run_disjoint_trials, search_config
 
 pytestmark = pytest.mark.slow
 
@@ -56,18 +58,21 @@ def team_config(stack: TeamStack, registry: str, deploy_root: Path) -> dict:
 class Host:
     """A machine of the team: everything of its own but the servers."""
 
-    def __init__(self, stack: TeamStack, root: Path):
+    def __init__(self, stack: TeamStack, root: Path, zenml_server: bool = True):
         self.root, self.deploy = root, root / "deploy"
         (root / "tmp").mkdir(parents=True)
-        self.env = {k: v for k, v in stack.client_env(root / "zenml").items() if not k.startswith("AWS_")}
+        # without the ZenML server: an embedded ZenML store of its own (the servers are MLflow's alone)
+        env = stack.client_env(root / "zenml") if zenml_server else {
+            **{k: v for k, v in os.environ.items() if not k.startswith("ZENML_")}, "ZENML_CONFIG_PATH": str(root / "zenml")}
+        self.env = {k: v for k, v in env.items() if not k.startswith(("AWS_", "MLFLOW_TRACKING_", "PG"))}
         self.env.update({"EDGEOPT_STATE_DIR": str(root / "state"), "TMPDIR": str(root / "tmp"),
                          "EDGEOPT_TRIGGER": "ci"})
 
-    def run(self, config: dict, run_name: str) -> subprocess.Popen:
+    def run(self, config: dict, run_name: str, *args: str) -> subprocess.Popen:
         path = self.root / f"{run_name}.yaml"
         path.write_text(yaml.safe_dump(config))
         return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "run.py"), "run", "-c", str(path),
-                                 "--run-name", run_name], cwd=PROJECT_ROOT, env=self.env, text=True,
+                                 "--run-name", run_name, *args], cwd=PROJECT_ROOT, env=self.env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -199,3 +204,48 @@ def test_two_hosts_promoting_at_once_agree_on_one_champion(stack, first_runs, tm
     stages = {s["name"]: s["body"]["stage"] for s in ZenMLApi(stack).get("model_versions")["items"]
               if s["body"]["model"]["name"] == "team-race"}
     assert list(stages.values()).count("production") == 1, stages
+
+
+def test_a_run_logs_to_the_server_that_mlflow_tracking_uri_names(stack, tmp_path):
+    """No ``tracking`` section, MLFLOW_TRACKING_URI set (MLflow's own convention): the run's runs, metrics and
+    registered model are on that server, and the embedded store is never created."""
+    host = Host(stack, tmp_path / "laptop", zenml_server=False)
+    host.env["MLFLOW_TRACKING_URI"] = stack.mlflow_uri
+    config = {"name": "env-uri", "data": {"source": "digits"},
+              "teacher": {"arch": "small_cnn", "width": 8, "epochs": 2},
+              "variants": {"bases": ["teacher"], "quantization": ["fp32"], "formats": ["onnx"],
+                           "runtimes": ["onnxruntime"]},
+              "target": {"warmup": 2, "iterations": 20},
+              "registry": {"name": "env-digits"}, "deploy": {"root": str(host.deploy)}}
+    doc = json.loads(finish(host.run(config, "env-uri", "--json")).splitlines()[-1])  # stderr's lines before it
+    assert doc["tracking_uri"] == stack.mlflow_uri and doc["promotion"]["promoted"], doc
+    client = MlflowClient(stack.mlflow_uri)
+    experiment = client.get_experiment_by_name("edgeopt")  # the default experiment
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], "tags.pipeline_run = 'env-uri'")
+    roles = sorted(r.data.tags["edgeopt.role"] for r in runs)
+    assert roles == ["pipeline", "variant"], roles
+    variant = next(r for r in runs if r.data.tags["edgeopt.role"] == "variant")
+    assert variant.info.run_name == doc["winner"] and variant.info.status == "FINISHED"
+    (row,) = doc["rows"]  # the metrics the run measured (a 2-epoch teacher: above chance, not good)
+    assert row["metrics"]["accuracy"] > 0.2
+    assert {k: variant.data.metrics[k] for k in row["metrics"]} == pytest.approx(row["metrics"])
+    champion = client.get_model_version_by_alias("env-digits", "champion")
+    assert champion.run_id == variant.info.run_id and champion.source.startswith(("mlflow-artifacts:/", "models:/"))
+    assert not list((host.root / "state").rglob("mlflow.db"))  # nothing in the embedded store
+
+
+def test_two_workers_on_one_postgresql_study_run_disjoint_trials(stack, tmp_path, tiny_raw, digits, teacher_ckpt,
+                                                                 student_ckpt, monkeypatch):
+    """tests/test_search.py's two workers, on a study in a database of the team's PostgreSQL (its password in
+    libpq's PGPASSWORD, inherited by the workers: not in the storage URL)."""
+    import psycopg2
+
+    storage = stack.create_database("optuna")
+    monkeypatch.setenv("PGPASSWORD", stack.pg_env()["PGPASSWORD"])
+    cfg = search_config(tmp_path, tiny_raw, "pg-pair", budget={"trials": 4}, storage=storage)
+    check_two_workers_run_disjoint_trials(cfg, tmp_path, digits, teacher_ckpt, student_ckpt)
+    with psycopg2.connect(storage) as conn, conn.cursor() as cur:  # the trials are PostgreSQL's
+        cur.execute("SELECT count(*) FROM trials JOIN studies USING (study_id) WHERE study_name = 'pg-pair'")
+        assert cur.fetchone() == (4,)
+    assert not (tmp_path / "search.db").exists()

@@ -109,8 +109,32 @@ class TeamStack:
 
     @property
     def postgres_uri(self) -> str:
-        """Without the password: MLflow's server gets it as PGPASSWORD (libpq), not on its command line."""
-        return f"postgresql://{PG_USER}@127.0.0.1:{self.ports['postgres']}/{MLFLOW_DB}"
+        """MLflow's backend store, without the password: MLflow's server gets it as PGPASSWORD (libpq), not
+        on its command line."""
+        return self.database_uri(MLFLOW_DB)
+
+    def database_uri(self, name: str) -> str:
+        """A database of the stack's PostgreSQL as an SQLAlchemy URL, without the password (``pg_env()``)."""
+        return f"postgresql://{PG_USER}@127.0.0.1:{self.ports['postgres']}/{name}"
+
+    def pg_env(self) -> Dict[str, str]:
+        """What a PostgreSQL client (libpq: psycopg2, SQLAlchemy) reads the password from."""
+        return {"PGPASSWORD": self.pg_password}
+
+    def create_database(self, name: str) -> str:
+        """A new database (MLflow's; an Optuna study's storage) owned by the stack's user; its URL."""
+        import psycopg2
+        from psycopg2 import sql
+
+        admin = psycopg2.connect(host="127.0.0.1", port=self.ports["postgres"], user=PG_USER,
+                                 password=self.pg_password, dbname="postgres")
+        admin.autocommit = True  # CREATE DATABASE cannot run in a transaction
+        try:
+            with admin.cursor() as cur:
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        finally:
+            admin.close()
+        return self.database_uri(name)
 
     def _spawn(self, name: str, cmd: List[str], env: Dict[str, str]) -> subprocess.Popen:
         log = self.root / "logs" / f"{name}.log"
@@ -155,14 +179,7 @@ class TeamStack:
         subprocess.run([*self.as_postgres, _pg_bin("pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
                         "-o", f"-h 127.0.0.1 -p {self.ports['postgres']} -k {self.pgdata}", "start"],
                        check=True, capture_output=True, text=True)
-        import psycopg2
-
-        admin = psycopg2.connect(host="127.0.0.1", port=self.ports["postgres"], user=PG_USER,
-                                 password=self.pg_password, dbname="postgres")
-        admin.autocommit = True
-        with admin.cursor() as cur:
-            cur.execute(f"CREATE DATABASE {MLFLOW_DB}")
-        admin.close()
+        self.create_database(MLFLOW_DB)
 
     def _start_s3(self) -> None:
         proc = self._spawn("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.ports["s3"])],
@@ -179,7 +196,7 @@ class TeamStack:
 
     def _start_mlflow(self) -> None:
         # job execution: MLflow's GenAI jobs (judges, scorers) in 15 huey worker threads; unused here
-        env = {**os.environ, **self._s3_env(), "PGPASSWORD": self.pg_password, "MLFLOW_ENABLE_TELEMETRY": "false",
+        env = {**os.environ, **self._s3_env(), **self.pg_env(), "MLFLOW_ENABLE_TELEMETRY": "false",
                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         proc = self._spawn("mlflow", [
             str(BIN / "mlflow"), "server", "--backend-store-uri", self.postgres_uri,
