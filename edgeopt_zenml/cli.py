@@ -53,7 +53,7 @@ cli.add_command(optimize)
 
 @cli.command()
 @click.option("-c", "--config", "config", type=click.Path(path_type=Path), default=Path("configs/default.yaml"),
-              show_default=True, help="Run config (YAML); see README 'Configuration'.")
+              show_default=True, help="Run config (YAML); see docs/configuration.md.")
 @click.option("--no-cache", is_flag=True, help="Re-run every step, even those whose inputs did not change.")
 @click.option("--run-name", default=None, help="ZenML run name (default: <config name>-<timestamp>).")
 @click.option("--zenml-config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -214,7 +214,7 @@ def agent(ctx: click.Context) -> None:
     """Run the edge agent on this device: measure models for target devices (``--help`` for its options).
 
     The same as ``python -m edgeopt.agent``, which is what a device with only the agent's minimal
-    install (infra/agent/requirements.txt, no torch, ZenML or MLflow) runs; README 'Devices'.
+    install (infra/agent/requirements.txt, no torch, ZenML or MLflow) runs; docs/devices-agent.md.
     """
     from edgeopt.agent.server import main as agent_main
 
@@ -227,7 +227,7 @@ def agent(ctx: click.Context) -> None:
 def rollback(config: Path) -> None:
     """Serve the bundle served before the current one again (following the deploy history), move the
     registry alias and the ZenML model stage back to its version, and block the model rolled away
-    from: no later run promotes it until `run.py unblock` clears it."""
+    from: no later run promotes it until `edgeopt unblock` clears it."""
     out = Out()
     cfg = load(out, config)
     from mlflow.exceptions import MlflowException

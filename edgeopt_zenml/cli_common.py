@@ -18,7 +18,7 @@ import click
 
 from edgeopt.config import ConfigError
 
-# Exit codes (README, "Errors and exit codes"): 0 done; 1 the run failed (a step raised); 2 bad input,
+# Exit codes (docs/operating.md, "Errors and exit codes"): 0 done; 1 the run failed (a step raised); 2 bad input,
 # found before any step started; 3 the quality gate (--require-promotion; optimize: no variant met the
 # constraints) failed.
 EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_GATE = 1, 2, 3

@@ -29,7 +29,7 @@ from edgeopt.plan import parse_config
 from edgeopt.select.pareto import select
 from edgeopt.select.report import pareto_plot
 
-pytestmark = pytest.mark.slow  # agent processes and pipeline runs (README: the inner loop skips them)
+pytestmark = pytest.mark.slow  # agent processes and pipeline runs (docs/tests.md: the inner loop skips them)
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = {"a": "token-of-device-a-0123456789", "b": "token-of-device-b-0123456789", "c": "token-of-device-c-0123456789"}

@@ -30,7 +30,7 @@ from edgeopt.shrink.run import shrink_base
 from edgeopt.train.fit import accuracy
 from tests._tiny import ROOT, TINY
 
-pytestmark = pytest.mark.slow  # trains, converts and fine-tunes models (README: the inner loop skips them)
+pytestmark = pytest.mark.slow  # trains, converts and fine-tunes models (docs/tests.md: the inner loop skips them)
 
 SHAPE = [1, 8, 8]
 

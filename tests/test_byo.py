@@ -15,7 +15,7 @@ from edgeopt.train.teacher import train_teacher
 from examples.make_shapes import make_shapes
 from tests._tiny import TINY
 
-pytestmark = pytest.mark.slow  # trains and distills models (README: the inner loop skips them)
+pytestmark = pytest.mark.slow  # trains and distills models (docs/tests.md: the inner loop skips them)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from edgeopt.track.uri import client_for
 from tests._deploy_kit import logged_run, promote, versions
 from tests._tiny import ROOT
 
-pytestmark = pytest.mark.slow  # spawned promoters and SIGKILL trials (README: the inner loop skips them)
+pytestmark = pytest.mark.slow  # spawned promoters and SIGKILL trials (docs/tests.md: the inner loop skips them)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from edgeopt.shrink.prune import PruneOptions, prune_channels
 from edgeopt.shrink.run import shrink_base
 from edgeopt.train.fit import accuracy, kd_loss
 
-pytestmark = pytest.mark.slow  # trains, prunes and exports models (README: the inner loop skips them)
+pytestmark = pytest.mark.slow  # trains, prunes and exports models (docs/tests.md: the inner loop skips them)
 
 
 def test_data_split_is_stratified_seeded_and_hashed(digits, tiny_config):

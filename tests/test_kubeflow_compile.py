@@ -23,7 +23,7 @@ from edgeopt_zenml.pipelines.compress import compress
 from edgeopt_zenml.pipelines.runner import use_checkout_as_source_root
 from infra.kubeflow.orchestrator import k8s_memory
 
-pytestmark = pytest.mark.slow  # a registered stack and a full KFP compile (README: the inner loop skips them)
+pytestmark = pytest.mark.slow  # a registered stack and a full KFP compile (docs/tests.md: the inner loop skips them)
 
 RUN_CONFIG = PROJECT_ROOT / "infra" / "kubeflow" / "run_config.yaml"
 FLAVOR_SOURCE = "infra.kubeflow.orchestrator.EdgeoptKubeflowOrchestratorFlavor"

@@ -31,7 +31,7 @@ from edgeopt.config import PROJECT_ROOT
 from edgeopt.track.runs import DIGEST_CHARS, VIEW_KEY, VIEW_METRICS
 from tests._browser import chromium, shown
 
-pytestmark = pytest.mark.slow  # CLI pipeline runs, an MLflow server and a browser (README: the inner loop skips them)
+pytestmark = pytest.mark.slow  # CLI pipeline runs, an MLflow server and a browser (docs/tests.md: the inner loop skips them)
 
 SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "mlflow-ui"
 RUN_CONFIG = PROJECT_ROOT / "infra" / "kubeflow" / "run_config.yaml"

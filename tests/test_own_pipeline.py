@@ -21,7 +21,7 @@ from zenml.config.source import SourceType
 
 from edgeopt.config import PROJECT_ROOT
 
-pytestmark = pytest.mark.slow  # a wheel, a venv and a pipeline run (README: the inner loop skips them)
+pytestmark = pytest.mark.slow  # a wheel, a venv and a pipeline run (docs/tests.md: the inner loop skips them)
 
 EXAMPLE = PROJECT_ROOT / "examples" / "own_pipeline"
 

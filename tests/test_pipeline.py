@@ -13,7 +13,7 @@ from edgeopt.plan import parse_config
 from edgeopt.plan.variants import variant_plan
 from edgeopt_zenml.pipelines.runner import run_pipeline
 
-pytestmark = pytest.mark.slow  # whole pipeline runs (README: the inner loop skips them)
+pytestmark = pytest.mark.slow  # whole pipeline runs (docs/tests.md: the inner loop skips them)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,8 @@ def test_deployed_bundle_matches_the_champion(first_run, tiny_config):
     from edgeopt.runtimes import make_predictor
 
     ds = load_dataset(tiny_config.data, 0)
-    assert m["preprocessing"] == {k: ds.manifest[k] for k in ("input_shape", "mean", "std", "scale")}
+    assert m["preprocessing"] == {**{k: ds.manifest[k] for k in ("input_shape", "mean", "std", "scale")},
+                                  "resize": {"mode": "stretch"}}  # data.resize, which the server honours
     pred = make_predictor(runtime["runtime"], bundle.model_file)
     measured = first_run["evaluation"].result(promo.variant).metrics
     for split, key in (("val", "accuracy"), ("test", "test_accuracy")):  # the evaluation's figures, split by split

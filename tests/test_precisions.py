@@ -19,7 +19,7 @@ from edgeopt.precisions import Inputs, Precision, get, nncf_backend, ort, quanti
 from edgeopt.runtimes import make_predictor
 from edgeopt.runtimes.coverage import int8_coverage
 
-pytestmark = pytest.mark.slow  # trains, exports and quantizes models (README: the inner loop skips them)
+pytestmark = pytest.mark.slow  # trains, exports and quantizes models (docs/tests.md: the inner loop skips them)
 
 SHAPE = [1, 8, 8]
 X86 = ort.cpu()[0] == "x86"

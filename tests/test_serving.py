@@ -42,6 +42,7 @@ from edgeopt.serve.app import create_app
 from edgeopt.serve.guard import allowed_hosts, check_bind, check_tls, check_token
 from edgeopt.serve.inputs import tensor_from_image
 from edgeopt.serve.store import Preprocessing
+from edgeopt.track.runs import serving_info
 
 TOKEN = "s3cret-token-for-tests-0123456789"
 MAX_BODY, MAX_BATCH = 64 * 1024, 8
@@ -580,20 +581,30 @@ def _training_and_serving_files(root: Path) -> list:
     return files
 
 
-@pytest.mark.parametrize("grayscale", [False, True], ids=["rgb", "gray"])
-def test_training_and_serving_make_the_same_tensor_from_the_same_file(tmp_path, grayscale):
+@pytest.mark.parametrize("grayscale,resize", [(False, "stretch"), (True, "stretch"), (False, "center_crop")],
+                         ids=["rgb", "gray", "rgb-center-crop"])
+def test_training_and_serving_make_the_same_tensor_from_the_same_file(tmp_path, grayscale, resize):
+    """The server's tensor of an uploaded file is the dataset's row of that file, with the preprocessing the
+    run's serving info gives a bundle's manifest.json: ``data.resize: center_crop`` included, so a centre-crop
+    model is served the centre it was evaluated on, where a stretch would squash the image."""
     files = _training_and_serving_files(tmp_path / "imgs")
     ds = load_dataset(DataConfig(source="imagefolder", root=tmp_path / "imgs", image_size=(12, 16),
-                                 grayscale=grayscale), seed=0, cache_dir=tmp_path / "cache")
+                                 grayscale=grayscale, resize=resize), seed=0, cache_dir=tmp_path / "cache")
     trained = np.concatenate([ds.split(name)[0] for name in ("train", "val", "test")])
     assert len(trained) == len(files)
-    pre = Preprocessing(input_shape=ds.input_shape, mean=ds.manifest["mean"], std=ds.manifest["std"])
+    manifest = json.loads(json.dumps(serving_info(ds.manifest)))  # through JSON, as the bundle's manifest holds it
+    pre = Preprocessing.model_validate(manifest["preprocessing"])  # as the server's store reads it
+    assert pre.resize.crop == (0.875 if resize == "center_crop" else None)
+    stretched = Preprocessing(input_shape=ds.input_shape, mean=ds.manifest["mean"], std=ds.manifest["std"])
+    assert stretched.resize.crop is None  # a bundle from before resize was recorded stretches, as runs then did
     rows = set()
     for path in files:
         served = tensor_from_image(path.read_bytes(), pre)
         same = [i for i, x in enumerate(trained) if x.dtype == served.dtype and np.array_equal(x, served)]
         assert len(same) == 1, f"{path.name}: {len(same)} identical training rows"
         rows.add(same[0])
+        if resize == "center_crop":
+            assert not np.array_equal(tensor_from_image(path.read_bytes(), stretched), served), path.name
     assert len(rows) == len(files)
 
 

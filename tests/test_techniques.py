@@ -14,7 +14,7 @@ from edgeopt.shrink.run import shrink_base
 from edgeopt.shrink.sparsity import SparsityOptions, sparsify
 from edgeopt.train.fit import accuracy
 
-pytestmark = pytest.mark.slow  # trains and fine-tunes models (README: the inner loop skips them)
+pytestmark = pytest.mark.slow  # trains and fine-tunes models (docs/tests.md: the inner loop skips them)
 
 SHAPE, CLASSES = [1, 8, 8], 10
 

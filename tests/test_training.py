@@ -32,7 +32,7 @@ from edgeopt.train.fit import (
 from examples.make_shapes import make_shapes
 from tests._tiny import TINY
 
-pytestmark = pytest.mark.slow  # trains models (README: the inner loop skips them)
+pytestmark = pytest.mark.slow  # trains models (docs/tests.md: the inner loop skips them)
 
 
 def _imagefolder(tmp_path_factory, name, per_class, size, grayscale=False):

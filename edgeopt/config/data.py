@@ -49,6 +49,11 @@ class ResizeConfig(Strict):
     mode: Literal["stretch", "center_crop"] = "stretch"
     crop_fraction: float = Field(0.875, gt=0, le=1, description="center_crop: image_size over the resized side.")
 
+    @property
+    def crop(self) -> Optional[float]:
+        """The centre-crop fraction that :func:`edgeopt.data.images.decode_image` takes; None: stretch."""
+        return self.crop_fraction if self.mode == "center_crop" else None
+
 
 class DataConfig(Strict):
     source: Literal["digits", "imagefolder"] = Field(

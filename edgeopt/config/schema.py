@@ -98,7 +98,7 @@ class SearchConfig(Strict):
     """``variants.search``: instead of the grid of ``variants.shrink`` amounts, an Optuna study over the
     structural techniques' amounts (``shrink``: ranges), each trial measured on the target before any
     fine-tune; ``variants.bases``, ``quantization``, ``formats`` and ``runtimes`` are its other
-    dimensions, every combination measured per trial (README "Search")."""
+    dimensions, every combination measured per trial (docs/search.md)."""
 
     shrink: Dict[str, Any] = Field(
         min_length=1, description="technique -> {range: [lo, hi], step, choices: {option: [values]}, and the "
@@ -232,7 +232,7 @@ class TargetConfig(Strict):
 
 
 class DeviceTargetConfig(Strict):
-    """A device that measures every variant: an edgeopt agent on it (README 'Devices'), reached over
+    """A device that measures every variant: an edgeopt agent on it (docs/devices-agent.md), reached over
     HTTP(S). The latency protocol and the constraints are the run's ``target``; each device gets its
     own Pareto front and winner. The first device drives the champion (registry alias) and the
     deploy folder; every other one gets the alias ``<registry.alias>-<label>``."""

@@ -80,7 +80,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0, *, cache_dir: Optional[Path] = 
     file is reported before a split it would have been part of.
     """
     stats = _statistics(cfg)
-    crop = _crop(cfg)
+    crop = cfg.resize.crop
     if cfg.source == "digits":
         pixels, y, classes, data_hash = _load_digits(cfg.image_size, crop)
         parts = _random_split(y, cfg, seed, [f"digits class {c!r}" for c in classes], "digits")
@@ -167,11 +167,6 @@ def _statistics(cfg: DataConfig, decided: bool = True) -> Optional[Tuple[List[fl
     if stats is not None and len(stats[0]) != channels:
         raise DataError(f"data.mean has {len(stats[0])} values, the images have {channels} channel(s)")
     return stats
-
-
-def _crop(cfg: DataConfig) -> Optional[float]:
-    """The centre-crop fraction when ``data.resize`` is center_crop; None: stretch."""
-    return cfg.resize.crop_fraction if cfg.resize.mode == "center_crop" else None
 
 
 def label_map(cfg: DataConfig) -> Optional[List[str]]:

@@ -86,8 +86,9 @@ def tensor_from_image(data: bytes, pre: Preprocessing, name: str = "file") -> np
     mode = {1: "L", 3: "RGB"}.get(c)
     if mode is None:
         raise HTTPException(422, f"this model takes {c}-channel input, which no image has; send a tensor")
-    # the decoder training used: same formats, EXIF rotation, bit-depth scaling, conversion and resize
-    x = _image_call(decode_image, data, (h, w), mode, max_pixels=MAX_IMAGE_PIXELS, name=name)
+    # the decoder training used: same formats, EXIF rotation, bit-depth scaling, conversion and resize (a
+    # stretch, or the centre crop the model was evaluated with)
+    x = _image_call(decode_image, data, (h, w), mode, max_pixels=MAX_IMAGE_PIXELS, name=name, crop=pre.resize.crop)
     x = x.astype(np.float32) / np.float32(255.0)
     x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
     mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)

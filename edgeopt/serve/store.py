@@ -21,6 +21,7 @@ import numpy as np
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError, model_validator
 
+from edgeopt.config.data import ResizeConfig
 from edgeopt.deploy.bundle import Bundle
 from edgeopt.runtimes import Predictor, make_predictor
 from edgeopt.serve import ServeError
@@ -31,13 +32,16 @@ RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # a bundle that failed to load is tried 
 
 
 class Preprocessing(BaseModel):
-    """A bundle's input: the shape the model takes and the per-channel mean and std of pixels in [0, 1]."""
+    """A bundle's input: the shape the model takes, the per-channel mean and std of pixels in [0, 1], and how
+    an image is resized to that shape (``data.resize`` of the run: stretch, or a centre crop; a bundle
+    written before it was recorded stretches, as every run did then)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     input_shape: Tuple[PositiveInt, PositiveInt, PositiveInt]
     mean: List[float]
     std: List[Annotated[float, Field(gt=0)]]
+    resize: ResizeConfig = ResizeConfig()
 
     @model_validator(mode="after")
     def _per_channel(self):

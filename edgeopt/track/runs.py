@@ -127,7 +127,7 @@ def log_variant_model(client: MlflowClient, experiment: str, run_id: str, name: 
 
 
 # MLflow's shared views of the runs table: an experiment tag mlflow.sharedViewState.<key> holding the
-# view's state (sort, columns, grouping), opened by ?viewStateShareKey=<key> (the README's link).
+# view's state (sort, columns, grouping), opened by ?viewStateShareKey=<key> (the link in docs/operating.md).
 # MLflow has no other way to choose what a new user sees, and a view cannot expand nested runs:
 # grouping by the pipeline run (tag pipeline_run) lists its variant runs flat, under one heading.
 VIEW_KEY = "edgeopt"
@@ -145,10 +145,21 @@ def set_runs_view(client: MlflowClient, experiment: str) -> None:
     }))
 
 
+# config fields that may hold a URL with a password (the tracking store, the search's study storage)
+CREDENTIAL_FIELDS = ("tracking.uri", "variants.search.storage")
+
+
+def config_params(config: Dict[str, Any]) -> Dict[str, str]:
+    """The run config flattened to MLflow params, any credential in a URL field replaced by ``***``."""
+    return {k: redact_uri(v) if k in CREDENTIAL_FIELDS else v for k, v in _flatten(config).items()}
+
+
 def serving_info(dataset_manifest: Dict[str, Any], output: str = "logits") -> Dict[str, Any]:
-    """What a bundle needs besides the model, from the dataset the model was trained and measured on."""
+    """What a bundle needs besides the model, from the dataset the model was trained and measured on: its
+    labels, and its preprocessing, ``resize`` included (a centre crop is served as it was evaluated)."""
+    pre = {k: dataset_manifest[k] for k in ("input_shape", "mean", "std", "scale")}
     return {"labels": list(dataset_manifest["classes"]), "output": output,
-            "preprocessing": {k: dataset_manifest[k] for k in ("input_shape", "mean", "std", "scale")}}
+            "preprocessing": {**pre, "resize": dataset_manifest.get("resize", {"mode": "stretch"})}}
 
 
 def log_pipeline_run(
@@ -190,7 +201,7 @@ def log_pipeline_run(
     })
     pid = parent.info.run_id
     client.log_inputs(pid, data_input)
-    params = [Param(k, (redact_uri(v) if k == "tracking.uri" else v)[:6000]) for k, v in _flatten(config).items()]
+    params = [Param(k, v[:6000]) for k, v in config_params(config).items()]
     for i in range(0, len(params), 100):
         client.log_batch(pid, params=params[i : i + 100])
     ref = evaluation.reference
