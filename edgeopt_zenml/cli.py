@@ -249,7 +249,7 @@ def rollback(config: Path) -> None:
         click.echo(f"  skipped {skipped}")
     if done.blocked_sha256:
         click.echo(f"blocked: the model of v{done.from_version} (sha256 {done.blocked_sha256[:12]}) is not promoted "
-                   f"again until `python run.py unblock -c {config} --model {done.blocked_sha256[:12]}`")
+                   f"again until `edgeopt unblock -c {config} --model {done.blocked_sha256[:12]}`")
 
 
 @cli.command()

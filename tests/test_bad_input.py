@@ -539,7 +539,7 @@ def test_serving_a_deploy_folder_with_nothing_to_serve(tmp_path):
                    f"{tmp_path / 'none'}: deploy folder not found")
     (tmp_path / "empty").mkdir()
     assert_refused(cli_in_process("serve", "--deploy-root", str(tmp_path / "empty")),
-                   f"{tmp_path / 'empty'}: no 'current' bundle (nothing deployed yet: run `python run.py run`)")
+                   f"{tmp_path / 'empty'}: no 'current' bundle (nothing deployed yet: run `edgeopt run`)")
     (tmp_path / "dangling").mkdir()
     (tmp_path / "dangling" / "current").symlink_to("versions/gone")
     assert_refused(cli_in_process("serve", "--deploy-root", str(tmp_path / "dangling")),

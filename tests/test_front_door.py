@@ -164,7 +164,9 @@ def test_near_chance_is_the_cli_s_one_line_refusal(tmp_path, imgs):
     assert doc["ok"] is False and doc["exit_code"] == 2 and "near chance" in doc["error"]
 
 
-def test_center_crop_is_one_rule_for_training_and_serving(tmp_path):
+def test_center_crop_decodes_the_centre_square_and_the_dataset_records_the_rule(tmp_path):
+    """Decoding and the dataset's manifest; serving the same crop is
+    test_serving.py::test_training_and_serving_make_the_same_tensor_from_the_same_file."""
     wide = np.zeros((40, 80, 3), np.uint8)
     wide[:, 16:64] = 255  # white in the middle of a black 2:1 image, wider than the centre square
     Image.fromarray(wide).save(tmp_path / "wide.png")

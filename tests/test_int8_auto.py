@@ -4,6 +4,7 @@ function's boundary, and measured for real), one calibration pass for all candid
 measurement where the option is set."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import pytest
 from edgeopt import precisions
 from edgeopt.config import ConfigError, QuantConfig
 from edgeopt.config.quant import NNCFOptions
-from edgeopt.measure.latency import cpu_info
+from edgeopt.measure import latency
+from edgeopt.measure.latency import Measured, cpu_info
 from edgeopt.models.export import export_checkpoint
 from edgeopt.plan import parse_config
 from edgeopt.precisions import Inputs, int8, int8_choice, nncf_backend, quantize_model
@@ -74,12 +76,13 @@ def test_the_recipe_says_auto_with_its_budget_protocol_and_cpu_and_int8_acc_quan
     used, method = precisions.get("int8").recipe("openvino", precisions.get("int8").options(QuantConfig()), 32)
     assert used["ignore_first"] == "auto" and used["ignore_last"] is False and used["auto_max_drop"] == 0.5
     assert used["resolved_for_cpu"].startswith(cpu_info()[0]) and "interleaved" in used["auto_protocol"]
+    assert used["auto_max_images"] == 500 and "val top-1 on at most 500 images" in used["auto_protocol"]
     assert method.endswith("first layer in float only where this CPU's measurement needs it (budget 0.5 points)")
     fixed, fixed_method = precisions.get("int8").recipe("openvino", int8.Int8Options(nncf={"ignore_first": True}), 32)
     assert fixed["ignore_first"] is True and not {"auto_max_drop", "resolved_for_cpu"} & set(fixed)
     assert fixed_method.endswith("first layer in float")
     acc, _ = precisions.get("int8-acc").recipe("openvino", precisions.get("int8-acc").options(QuantConfig()), 32)
-    assert acc["ignore_first"] is False and "auto_max_drop" not in acc  # accuracy control reverts what costs
+    assert acc["ignore_first"] is False and not {"auto_max_drop", "auto_max_images"} & set(acc)  # accuracy control
 
 
 def test_auto_options_in_the_config(tiny_raw):
@@ -93,6 +96,32 @@ def test_auto_options_in_the_config(tiny_raw):
         parse_config(nncf(ignore_first="sometimes"), "tiny.yaml")
     with pytest.raises(ConfigError, match=r"^tiny.yaml: variants.quant.nncf.auto_max_drop: Input should be greater"):
         parse_config(nncf(auto_max_drop=-1), "tiny.yaml")
+    assert parse_config(nncf(auto_max_images=64)).variants.quant.nncf.auto_max_images == 64
+    with pytest.raises(ConfigError, match=r"^tiny.yaml: variants.quant.nncf.auto_max_images: Input should be greater"):
+        parse_config(nncf(auto_max_images=0), "tiny.yaml")
+
+
+def test_auto_scores_fp32_and_every_candidate_on_the_same_capped_sample_of_val(digits, monkeypatch):
+    """A val split larger than ``auto_max_images`` is sampled (seeded, the same images for every model); a
+    smaller one is scored whole."""
+    seen = {}
+
+    def measure_models(models, batches, x, **kw):
+        out = {}
+        for key in models:
+            images = np.concatenate(list(batches()))
+            seen[key] = images
+            out[key] = Measured(predictions=np.zeros(len(images), np.int32), coverage={}, settings={},
+                                latency=SimpleNamespace(p50_ms=1.0, noise_pct=0.0))
+        return out
+
+    monkeypatch.setattr(latency, "measure_models", measure_models)
+    files = {"all-int8": Path("a.xml"), "first-float": Path("b.xml")}
+    figures = int8_choice.measure("openvino", Path("fp32.xml"), files, Inputs(digits, 8), 50)
+    assert set(figures) == set(seen) == {"fp32", *files} and digits.size("val") > 50
+    assert all(len(images) == 50 and np.array_equal(images, seen["fp32"]) for images in seen.values())
+    int8_choice.measure("openvino", Path("fp32.xml"), files, Inputs(digits, 8), 10_000)
+    assert {len(images) for images in seen.values()} == {digits.size("val")}
 
 
 # ---------------------------------------------------------------- on the digits student
@@ -117,7 +146,7 @@ def injected(monkeypatch):
     """Figures injected at the measuring function's boundary (val top-1, p50 by key); the calls recorded."""
     calls, figures = [], {}
 
-    def measure(runtime, fp32, files, inputs):
+    def measure(runtime, fp32, files, inputs, max_images):
         calls.append(sorted(files))
         return {k: {"p50_ms": figures[k][0], "val_accuracy": figures[k][1], "noise_pct": 0.0} for k in ("fp32", *files)}
 
@@ -137,6 +166,7 @@ def test_auto_writes_every_layer_int8_when_it_is_faster_and_within_budget(digits
     assert choice["candidates"]["all-int8"]["drop_points"] == pytest.approx(0.2)
     assert choice["candidates"]["all-int8"]["speedup_vs_fp32"] == pytest.approx(4.0)
     assert choice["resolved_for_cpu"] == int8_choice.cpu_text() and choice["fp32"]["val_accuracy"] == 0.95
+    assert choice["val_images"] == min(500, digits.size("val"))  # the default cap, recorded
     assert art.manifest["nncf"]["ignored_layers"] == [] and all(int8_layers(art.model_file))
     assert art.manifest["recipe"]["ignore_first"] == "auto"
 
@@ -145,9 +175,9 @@ def test_auto_writes_every_layer_int8_when_it_is_faster_and_within_budget(digits
 def test_auto_keeps_the_first_layer_in_float_when_every_layer_int8_breaks_the_budget(digits, fp32_ir, injected):
     calls, figures = injected
     figures.update({"fp32": (4.0, 0.950), "all-int8": (1.0, 0.930), "first-float": (1.2, 0.949)})
-    art = quantize_model(fp32_ir, "int8", digits, quant(), 0, "auto-first-float-openvino")
+    art = quantize_model(fp32_ir, "int8", digits, quant(auto_max_images=100), 0, "auto-first-float-openvino")
     choice = art.manifest["int8_choice"]
-    assert choice["winner"] == "first-float" and choice["ignore_first"] is True
+    assert choice["winner"] == "first-float" and choice["ignore_first"] is True and choice["val_images"] == 100
     assert "first-float: the fastest within the 0.5-point budget" in choice["why"]
     first = choice["candidates"]["first-float"]["ignored_layers"]
     assert art.manifest["nncf"]["ignored_layers"] == first and len(first) == 1

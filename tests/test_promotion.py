@@ -17,6 +17,7 @@ import pytest
 
 from edgeopt.config import PromotionConfig
 from edgeopt.deploy import champion as dep
+from edgeopt.deploy.folder import history
 from edgeopt.registry import lease as registry
 from edgeopt.registry.versions import alias_version
 from edgeopt.select.promotion import decide
@@ -170,7 +171,7 @@ def test_rollback_follows_the_history_blocks_the_bad_model_and_lasts(uri, tmp_pa
     # two more scheduled runs: the same (cached) bad model wins again and is not promoted
     for _ in range(2):
         again = promote(uri, name, logged_run(uri, 11))
-        assert not again.promoted and "run.py unblock" in again.reason
+        assert not again.promoted and "`edgeopt unblock -c <config> --model " in again.reason
         assert deploy().path == b1.path
     assert champion_run(uri, name) == good
 
@@ -179,7 +180,7 @@ def test_rollback_follows_the_history_blocks_the_bad_model_and_lasts(uri, tmp_pa
     b3 = deploy()
     again = dep.rollback(root, uri=uri, name=name, alias="champion")
     assert again.bundle.path == b1.path and dep.current(root).path == b1.path
-    assert [e["event"] for e in dep.history(root)] == ["deploy", "deploy", "rollback", "deploy", "rollback"]
+    assert [e["event"] for e in history(root)] == ["deploy", "deploy", "rollback", "deploy", "rollback"]
     with pytest.raises(LookupError, match="no intact bundle to roll back to"):
         dep.rollback(root, uri=uri, name=name, alias="champion")  # b1 was the first; b2, b3 are blocked
 
@@ -309,11 +310,11 @@ def test_a_rollback_cut_short_after_its_registry_writes_is_repaired_by_the_next_
     def killed(*a, **k):
         raise KeyboardInterrupt("killed between the registry writes and the switch")
 
-    monkeypatch.setattr(dep, "_switch", killed)
+    monkeypatch.setattr(dep, "switch", killed)
     with pytest.raises(KeyboardInterrupt):
         dep.rollback(root, uri=uri, name=name, alias="champion")
     monkeypatch.undo()
     assert dep.current(root).path == b.path and str(alias_version(uri, name, "champion").version) == "1"
     repaired = dep.deploy_from_registry(uri=uri, name=name, alias="champion", root=root)  # the next run's deploy step
     assert repaired.path == first and dep.current(root).path == first  # the kept bundle, switched back to
-    assert dep.history(root)[-1]["event"] == "deploy" and len(dep.bundles(root)) == 2
+    assert history(root)[-1]["event"] == "deploy" and len(dep.bundles(root)) == 2

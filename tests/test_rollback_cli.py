@@ -1,4 +1,4 @@
-"""`run.py rollback` and `run.py unblock`: the deploy folder, the MLflow alias, the block and the
+"""`edgeopt rollback` and `edgeopt unblock`: the deploy folder, the MLflow alias, the block and the
 ZenML model stage, as a user drives them; their errors in one line."""
 
 import pytest
@@ -42,7 +42,7 @@ def test_rollback_and_unblock_commands(tmp_path, tiny_raw):
     run = CliRunner().invoke(cli, ["rollback", "-c", str(config)])
     assert run.exit_code == 0, run.output
     assert f"{name}@champion -> v1" in run.output and f"ZenML model version {stages[0].name} -> production" in run.output
-    assert "python run.py unblock" in run.output
+    assert "`edgeopt unblock -c " in run.output
     assert dep.current(root).path == bundles[0].path and str(alias_version(uri, name, "champion").version) == "1"
     assert zenml.get_model_version(name, ModelStages.PRODUCTION).id == stages[0].id
     assert zenml.get_model_version(name, stages[1].name).stage == ModelStages.ARCHIVED

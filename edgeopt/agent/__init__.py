@@ -19,5 +19,5 @@ A job is one uncompressed tar: ``job.json`` (settings and the list of models), `
 """
 
 TOKEN_ENV = "EDGEOPT_AGENT_TOKEN"  # where the agent reads its token by default
-MIN_TOKEN_CHARS = 16
+MIN_TOKEN_CHARS = 16  # the shortest token the agent and the server (edgeopt.serve.guard) accept
 DEFAULT_PORT = 8765

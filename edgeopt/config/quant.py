@@ -61,6 +61,11 @@ class NNCFOptions(RecipeOptions):
         0.5, ge=0, le=100, description="auto: the largest top-1 drop vs FP32 on the val split (points) that the "
                                        "fastest candidate may cost; where every candidate costs more, the most "
                                        "accurate is kept.")
+    auto_max_images: int = Field(
+        500, ge=1, le=10_000_000, description="auto: the most val images FP32 and each candidate are scored on (a "
+                                             "seeded sample of the split, the same for all; the whole split where "
+                                             "it is smaller), so that a large val split does not cost one full "
+                                             "pass per candidate; the choice records how many were scored.")
 
 
 class AccuracyControlOptions(RecipeOptions):

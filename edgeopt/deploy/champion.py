@@ -17,17 +17,17 @@ from mlflow.exceptions import MlflowException
 from edgeopt.artifacts import ModelArtifact, model_sha256
 from edgeopt.deploy.bundle import IDENTITY, Bundle, DeployError, check_loads
 from edgeopt.deploy.folder import (
-    _created,
-    _current_name,
-    _lock,
-    _manifest,
-    _switch,
     bundles,
     check_root_model,
+    created_at,
     current,
+    current_name,
     deploy,
-    history,
+    latest_switches,
+    lock,
+    manifest_of,
     served_before,
+    switch,
 )
 from edgeopt.registry.lease import Lease, block, blocked
 from edgeopt.registry.versions import alias_version, download_version, load_serving, run_model_sha256, set_alias
@@ -46,7 +46,7 @@ def deploy_from_registry(*, uri: str, name: str, alias: str, root: Path, keep: i
     """
     root = Path(root)
     (root / "versions").mkdir(parents=True, exist_ok=True)
-    with _lock(root):
+    with lock(root):
         check_root_model(root, name)
         mv = alias_version(uri, name, alias)
         if mv is None:
@@ -62,7 +62,7 @@ def deploy_from_registry(*, uri: str, name: str, alias: str, root: Path, keep: i
             except ValueError as err:
                 log.warning("deploy: the current bundle is damaged (%s); deploying v%s again", err, mv.version)
         for b in reversed(bundles(root)):
-            if {k: _manifest(b).get(k) for k in IDENTITY} != ident:
+            if {k: manifest_of(b).get(k) for k in IDENTITY} != ident:
                 continue
             try:
                 kept = Bundle(b)
@@ -71,7 +71,7 @@ def deploy_from_registry(*, uri: str, name: str, alias: str, root: Path, keep: i
             except (ValueError, DeployError) as err:
                 log.warning("deploy: kept bundle %s is not usable (%s)", b.name, err)
                 continue
-            _switch(root, kept, "deploy", _current_name(root))
+            switch(root, kept, "deploy", current_name(root))
             log.info("deploy: %s v%s -> %s (kept bundle)", name, mv.version, b.name)
             return kept
         return _deploy_version(uri, mv, ident, alias, root, keep)
@@ -116,7 +116,7 @@ class RolledBack:
 def rollback(root: Path, *, uri: str, name: str, alias: str, lease_seconds: Optional[float] = None) -> RolledBack:
     """Serve the bundle served before the current one again (following the history; older intact
     bundles when that one is gone or broken), move the registry alias back to its version, and block
-    the model rolled away from so that no promotion brings it back (``run.py unblock`` clears it).
+    the model rolled away from so that no promotion brings it back (``edgeopt unblock`` clears it).
 
     Runs under the registry's promotion lease (so it cannot interleave with a promotion on any
     host) and the deploy folder's lock. The registry is written first: a crash before the switch
@@ -124,19 +124,19 @@ def rollback(root: Path, *, uri: str, name: str, alias: str, lease_seconds: Opti
     """
     root = Path(root)
     lease = Lease(uri, name) if lease_seconds is None else Lease(uri, name, ttl=lease_seconds)
-    with lease, _lock(root):
+    with lease, lock(root):
         check_root_model(root, name)
-        cur = _current_name(root)
+        cur = current_name(root)
         if cur is None:
             raise LookupError(f"{root}: nothing is deployed, nothing to roll back")
-        latest = {e["to"]: e for e in history(root)}  # each bundle's latest switch to it
-        cur_ident = _manifest(root / "versions" / cur) or latest.get(cur, {})
+        latest = latest_switches(root)
+        cur_ident = manifest_of(root / "versions" / cur) or latest.get(cur, {})
         cur_sha = cur_ident.get("model_sha256")
         blocked_now = blocked(uri, name)
         client = client_for(uri)
         chain = list(served_before(root, cur))
         older = [b.name for b in reversed(bundles(root)) if b.name not in chain and b.name != cur
-                 and _created(b) < float(cur_ident.get("created_at", float("inf")))]
+                 and created_at(b) < float(cur_ident.get("created_at", float("inf")))]
         target, skipped = None, []
         for cand in chain + older:
             why = _unusable(root / "versions" / cand, name, cur_sha, blocked_now, client)
@@ -157,7 +157,7 @@ def rollback(root: Path, *, uri: str, name: str, alias: str, lease_seconds: Opti
             block(uri, name, cur_sha, from_version, note)
         lease.check()
         set_alias(uri, name, alias, t["version"])
-        _switch(root, target, "rollback", latest.get(target.path.name, {}).get("previous"))
+        switch(root, target, "rollback", latest.get(target.path.name, {}).get("previous"))
     log.info("rollback: %s -> %s; %s", cur, target.path.name, note)
     return RolledBack(bundle=target, from_bundle=cur, from_version=cur_ident.get("version"), blocked_sha256=cur_sha,
                       skipped=skipped)

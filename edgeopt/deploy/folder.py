@@ -41,7 +41,7 @@ HISTORY = "history.jsonl"
 _LOCKS: Dict[str, FileLock] = {}
 
 
-def _lock(root: Path) -> FileLock:
+def lock(root: Path) -> FileLock:
     """The deploy folder's lock: one object per folder, so a holder may re-enter it."""
     key = str(Path(root).resolve())
     if key not in _LOCKS:
@@ -57,7 +57,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _manifest(bundle_dir: Path) -> Dict[str, Any]:
+def manifest_of(bundle_dir: Path) -> Dict[str, Any]:
     """A bundle folder's manifest, or {} when it is missing or unreadable (such a folder is skipped)."""
     try:
         m = json.loads((bundle_dir / MANIFEST).read_text())
@@ -66,8 +66,8 @@ def _manifest(bundle_dir: Path) -> Dict[str, Any]:
     return m if isinstance(m, dict) else {}
 
 
-def _created(bundle_dir: Path) -> float:
-    value = _manifest(bundle_dir).get("created_at", 0.0)
+def created_at(bundle_dir: Path) -> float:
+    value = manifest_of(bundle_dir).get("created_at", 0.0)
     return float(value) if isinstance(value, (int, float)) else 0.0
 
 
@@ -77,7 +77,7 @@ def bundles(root: Path) -> List[Path]:
     if not vdir.is_dir():
         return []
     found = (p for p in vdir.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
-    return sorted(found, key=_created)
+    return sorted(found, key=created_at)
 
 
 def current(root: Path) -> Optional[Bundle]:
@@ -102,9 +102,14 @@ def history(root: Path) -> List[Dict[str, Any]]:
     return out
 
 
+def latest_switches(root: Path) -> Dict[str, Dict[str, Any]]:
+    """Each bundle's latest switch to it: bundle name -> its last history line (see the module's docstring)."""
+    return {e["to"]: e for e in history(root)}
+
+
 def served_before(root: Path, name: str) -> Iterator[str]:
     """The bundles served before ``name``, most recent first, following the history."""
-    latest, seen = {e["to"]: e for e in history(root)}, {name}  # each bundle's latest switch to it
+    latest, seen = latest_switches(root), {name}
     while (entry := latest.get(name)) is not None:
         prev = entry.get("previous")
         if not isinstance(prev, str) or prev in seen:
@@ -127,7 +132,7 @@ def _append_history(root: Path, entry: Dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _current_name(root: Path) -> Optional[str]:
+def current_name(root: Path) -> Optional[str]:
     link = root / "current"
     if link.is_symlink():
         return Path(os.readlink(link)).name
@@ -137,11 +142,11 @@ def _current_name(root: Path) -> Optional[str]:
     return None
 
 
-def _switch(root: Path, target: Bundle, event: str, previous: Optional[str]) -> None:
+def switch(root: Path, target: Bundle, event: str, previous: Optional[str]) -> None:
     """Record the switch in the history, then point ``current`` at ``target`` (atomically)."""
     _append_history(root, {
         "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, "to": target.path.name,
-        "from": _current_name(root), "previous": previous, **target.identity,
+        "from": current_name(root), "previous": previous, **target.identity,
     })
     tmp_link = root / f".current-{uuid.uuid4().hex}"
     os.symlink(Path("versions") / target.path.name, tmp_link)
@@ -152,7 +157,7 @@ def _switch(root: Path, target: Bundle, event: str, previous: Optional[str]) -> 
 def check_root_model(root: Path, name: str) -> None:
     """Refuse a deploy folder that holds another registered model's bundles."""
     for b in bundles(root):
-        other = _manifest(b).get("registered_model")
+        other = manifest_of(b).get("registered_model")
         if other is not None and other != name:
             raise DeployError(f"{root}: holds bundles of registered model {other!r} (versions/{b.name}); one deploy "
                               f"root serves one model: give {name!r} a deploy.root of its own")
@@ -180,9 +185,9 @@ def deploy(
         if not f.startswith("model.") or not inside(f) or "/" in f:
             raise DeployError(f"model file name {f!r} is not a plain model.* file name")
     (root / "versions").mkdir(parents=True, exist_ok=True)
-    with _lock(root):
+    with lock(root):
         check_root_model(root, info["registered_model"])
-        previous = _current_name(root)
+        previous = current_name(root)
         stamp = time.strftime("%Y%m%dT%H%M%S")
         final = root / "versions" / f"{name}-{stamp}-{uuid.uuid4().hex[:6]}"
         tmp = root / "versions" / f".tmp-{uuid.uuid4().hex}"
@@ -207,7 +212,7 @@ def deploy(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _switch(root, Bundle(final), "deploy", previous)
+        switch(root, Bundle(final), "deploy", previous)
         _prune(root, keep)
     log.info("deploy: %s -> %s", final.name, root / "current")
     return Bundle(final)

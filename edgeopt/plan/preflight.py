@@ -7,7 +7,7 @@ folder by the last step). :func:`check_run_inputs` looks at all of them first, c
 tree and image headers (nothing decoded), the brought model (inspected, or a state dict loaded),
 one bounded request to the tracking server, one file written and removed in the deploy folder.
 
-No ZenML here; ``run.py run`` and ``run.py validate`` call it.
+No ZenML here; ``edgeopt run`` and ``edgeopt validate`` call it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ base (teacher | student) x shrink (none, or a technique at an amount; a brought 
   the search's survivors instead of the grid's amounts: slots s1, s2 ... per base, filled at run time)
   x format (onnx | openvino) x precision (fp32 | fp16 | int8 ...) x runtime (those that read the format)
 
-The pipeline wires its steps from it, ``run.py validate`` prints it, bench/ and the tests read it;
+The pipeline wires its steps from it, ``edgeopt validate`` prints it, bench/ and the tests read it;
 variant names and step ids are made here and nowhere else. Names read base-shrink-precision-format,
 e.g. ``student-p50-int8-onnx``, ``teacher-int8-openvino``, ``teacher-fp32-onnx`` (the reference).
 """

@@ -6,18 +6,9 @@ implementations by format name, and its recipe (every option it uses, resolved, 
 a person can read). Defining the subclass registers it, so a new recipe is one new module;
 ``fp32`` is no recipe: it is the export itself.
 
-============  ==============================================  ==============================================
-precision     onnx                                            openvino (IR)
-============  ==============================================  ==============================================
-fp16          onnxruntime float16 converter (float32 I/O)     FP16 weight compression (computed in f32)
-bf16          (none: the hint is OpenVINO's)                  FP32 weights, compiled in bf16 (AVX512_BF16/AMX)
-fp16-native   (none)                                          FP32 weights, compiled in f16 (AVX512_FP16/AMX-FP16)
-int8          ONNX Runtime static QDQ (U8S8 on x86)           NNCF post-training quantization
-int8-bf16     (none)                                          int8's NNCF IR, float layers in bf16 (AVX512_BF16/AMX)
-int8-dynamic  ONNX Runtime dynamic INT8 of MatMul              (none: an ONNX Runtime technique)
-int8-acc      NNCF accuracy control, ONNX backend             NNCF accuracy control, OpenVINO backend
-int8-qat      PT2E QAT with KD from FP32, as ONNX QDQ (U8S8)  the same QDQ model as IR (FakeQuantize)
-============  ==============================================  ==============================================
+The formats a recipe applies to are the keys of its ``implementations`` (``formats_for(name)``; ``names()``
+lists every precision, ``REGISTRY`` holds the recipes); what each one does on each format is told in
+docs/precisions-and-formats.md.
 
 bf16, fp16-native and int8-bf16 carry their precision in the IR (``native.py``); ``validate`` refuses
 them on a CPU without the flags they name (``Precision.cpu_flags``).

@@ -6,10 +6,11 @@ layer in float: 9.41x / 5.97x on an AMX Xeon, 3.22x / 2.70x on a VNNI-only Xeon,
 with AVX512-VNNI 46.8 ms FP32, 13.3 / 15.7 ms. No fixed rule is right everywhere, so ``auto`` (in
 ``ignore_first``, and ``ignore_last`` where set) builds one candidate per combination of the auto
 options, from one calibration pass (``nncf_backend.quantize_each``), measures each with the
-evaluation protocol (``edgeopt.measure.latency.measure_models``: top-1 on the val split, then p50
-latency with one thread, interleaved with the FP32 source, a short run), and :func:`choose` keeps
-the fastest candidate whose val top-1 drop vs FP32 is within ``auto_max_drop`` points, else the
-most accurate. The manifest records every candidate's figures, the winner, why, and the CPU.
+evaluation protocol (``edgeopt.measure.latency.measure_models``: top-1 on at most ``auto_max_images``
+images of the val split, then p50 latency with one thread, interleaved with the FP32 source, a short
+run), and :func:`choose` keeps the fastest candidate whose val top-1 drop vs FP32 is within
+``auto_max_drop`` points, else the most accurate. The manifest records every candidate's figures, the
+winner, why, how many val images were scored, and the CPU.
 An option set explicitly (true / false) is not measured. int8-acc reads ``auto`` as "quantize the
 layer" (``nncf_backend.unmeasured``): its accuracy control reverts whatever costs accuracy.
 
@@ -107,9 +108,10 @@ def recipe(o: NNCFOptions, n_calibration: int) -> Dict[str, Any]:
     fields = auto_fields(o)
     if not fields:
         return used
-    return {**used, **dict.fromkeys(fields, "auto"), "auto_max_drop": o.auto_max_drop, "resolved_for_cpu": cpu_text(),
-            "auto_protocol": f"val top-1, p50 of {ITERATIONS} runs after {WARMUP} in {ROUNDS} interleaved rounds, "
-                             f"{THREADS} thread"}
+    return {**used, **dict.fromkeys(fields, "auto"), "auto_max_drop": o.auto_max_drop,
+            "auto_max_images": o.auto_max_images, "resolved_for_cpu": cpu_text(),
+            "auto_protocol": f"val top-1 on at most {o.auto_max_images} images, p50 of {ITERATIONS} runs after "
+                             f"{WARMUP} in {ROUNDS} interleaved rounds, {THREADS} thread"}
 
 
 def method(o: NNCFOptions) -> str:
@@ -119,29 +121,27 @@ def method(o: NNCFOptions) -> str:
                                      f"(budget {o.auto_max_drop:g} points)" if fields else "")
 
 
-def _val_batches(inputs: Inputs, labels: List[int]) -> Iterator[np.ndarray]:
-    """The val images in batches of ACCURACY_BATCH; ``labels`` is refilled with their labels."""
+def _val_batches(inputs: Inputs, labels: List[int], max_images: int) -> Iterator[np.ndarray]:
+    """At most ``max_images`` val images (the whole split where it is no larger, else a sample seeded
+    with the inputs' seed: the same on every call) in batches of ACCURACY_BATCH; ``labels`` is refilled
+    with their labels."""
     labels.clear()
-    xs: List[np.ndarray] = []
-    for x, y in inputs.validation():
-        xs.append(x)
-        labels.append(y)
-        if len(xs) == ACCURACY_BATCH:
-            yield np.concatenate(xs)
-            xs = []
-    if xs:
-        yield np.concatenate(xs)
+    sample = inputs.dataset.size("val") > max_images
+    for x, y in inputs.dataset.batches("val", ACCURACY_BATCH, shuffle=sample, seed=inputs.seed, limit=max_images):
+        labels.extend(int(v) for v in y)
+        yield x
 
 
-def measure(runtime: str, fp32: Path, files: Dict[str, Path], inputs: Inputs) -> Dict[str, Dict[str, Any]]:
-    """The evaluation protocol on "fp32" and each of ``files``: val top-1, agreement with FP32's top-1,
-    INT8 coverage, p50 (ms) and the run's noise, in one interleaved latency loop."""
+def measure(runtime: str, fp32: Path, files: Dict[str, Path], inputs: Inputs,
+            max_images: int) -> Dict[str, Dict[str, Any]]:
+    """The evaluation protocol on "fp32" and each of ``files``: val top-1 (on at most ``max_images``),
+    agreement with FP32's top-1, INT8 coverage, p50 (ms) and the run's noise, in one interleaved latency loop."""
     from edgeopt.measure.latency import measure_models
 
     labels: List[int] = []
     got = measure_models({"fp32": (runtime, fp32), **{k: (runtime, f) for k, f in files.items()}},
-                         lambda: _val_batches(inputs, labels), inputs.calibration[:1], threads=THREADS, batch=1,
-                         warmup=WARMUP, iterations=ITERATIONS, rounds=ROUNDS)
+                         lambda: _val_batches(inputs, labels, max_images), inputs.calibration[:1], threads=THREADS,
+                         batch=1, warmup=WARMUP, iterations=ITERATIONS, rounds=ROUNDS)
     failed = {k: m.error for k, m in got.items() if m.error or m.latency is None}
     if failed:
         raise RuntimeError(f"measuring the INT8 candidates failed: {failed}")
@@ -184,7 +184,7 @@ def quantize(src: Path, dst: Path, fmt: str, inputs: Inputs, o: NNCFOptions,
                 hinted = files[name].with_name(f"hinted{src.suffix}")
                 save_with_precision(files[name], hinted, precision)
                 files[name] = hinted
-        figures = measure(backend.runtime, src, files, inputs)
+        figures = measure(backend.runtime, src, files, inputs, o.auto_max_images)
     fp32 = figures.pop("fp32")
     winner, why = choose(fp32["val_accuracy"], {k: Figures(f["p50_ms"], f["val_accuracy"], f["noise_pct"])
                                                 for k, f in figures.items()}, o.auto_max_drop)
@@ -192,7 +192,8 @@ def quantize(src: Path, dst: Path, fmt: str, inputs: Inputs, o: NNCFOptions,
     chosen = options[winner]
     return built[winner][1], {
         "winner": winner, "why": why, **{f: getattr(chosen, f) for f in auto_fields(o)},
-        "max_drop_points": o.auto_max_drop, "resolved_for_cpu": cpu_text(), "runtime": backend.runtime,
+        "max_drop_points": o.auto_max_drop, "val_images": min(o.auto_max_images, inputs.dataset.size("val")),
+        "resolved_for_cpu": cpu_text(), "runtime": backend.runtime,
         "fp32": fp32, "candidates": {k: {**f, "drop_points": 100 * (fp32["val_accuracy"] - f["val_accuracy"]),
                                          "speedup_vs_fp32": fp32["p50_ms"] / f["p50_ms"],
                                          "ignored_layers": built[k][1]["ignored_layers"]} for k, f in figures.items()},

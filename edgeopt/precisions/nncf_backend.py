@@ -260,7 +260,7 @@ def unmeasured(o: NNCFOptions) -> NNCFOptions:
 def recipe(o: NNCFOptions, n_calibration: int) -> Dict[str, Any]:
     """The options as the recipe records them, ``auto`` as :func:`unmeasured` resolves it (the subset
     size is capped by the calibration set)."""
-    used = unmeasured(o).model_dump(mode="json", exclude={"auto_max_drop"})
+    used = unmeasured(o).model_dump(mode="json", exclude={"auto_max_drop", "auto_max_images"})
     return {"calibration_samples": n_calibration, **used, "subset_size": min(o.subset_size, n_calibration)}
 
 

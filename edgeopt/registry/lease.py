@@ -26,7 +26,7 @@ has left before each write (:meth:`Lease.check`) and writes nothing past it.
 
 **Rolled-back models.** A rollback blocks the model it rolled away from, by the sha256 of its
 model files, in a tag of the registered model (``edgeopt.blocked.<sha256>``); promotion refuses
-a blocked model until ``python run.py unblock`` clears it.
+a blocked model until ``edgeopt unblock`` clears it.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def promote_winner(
     Compare-and-set under the registry's promotion lease (``edgeopt.registry.lease.Lease``, exclusive
     across hosts that share only the tracking URI): if another run moved the alias since this run
     measured the champion, nothing is promoted (the comparison would be against a stale champion);
-    a model that was rolled back (by sha256) is not promoted until ``run.py unblock`` clears it.
+    a model that was rolled back (by sha256) is not promoted until ``edgeopt unblock`` clears it.
     The winner's run must hold ``serving/serving.json`` (labels, preprocessing; logged by
     :func:`edgeopt.track.runs.log_pipeline_run`): every deployment of the version reads it from there.
     Returns what was done and why.
@@ -78,7 +78,7 @@ def promote_winner(
         note = blocked(uri, name).get(sha)
         if note is not None:
             reason = (f"{w.variant} is the model {note} (model sha256 {sha[:12]}); not promoted until "
-                      f"`python run.py unblock -c <config> --model {sha[:12]}`")
+                      f"`edgeopt unblock -c <config> --model {sha[:12]}`")
             log.warning("promote: %s", reason)
             return base.model_copy(update={"reason": reason})
         if current is not None and current.tags.get("model_sha256") == sha \

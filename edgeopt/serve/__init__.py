@@ -1,4 +1,4 @@
-"""The local inference server over a deploy folder (``python run.py serve``).
+"""The local inference server over a deploy folder (``edgeopt serve``).
 
 - :mod:`edgeopt.serve.store`: the bundle in service (verified, warmed up, its probabilities) and
   the store that swaps in a newly deployed one once it has loaded;

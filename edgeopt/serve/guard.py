@@ -13,9 +13,9 @@ import ssl
 from pathlib import Path
 from typing import List, Optional
 
+from edgeopt.agent import MIN_TOKEN_CHARS
 from edgeopt.serve import ServeError
 
-MIN_TOKEN_CHARS = 16
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 

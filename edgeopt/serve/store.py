@@ -170,7 +170,7 @@ class ModelStore:
             raise ServeError(f"{self.root}: deploy folder not found")
         target = self._read_link()
         if target is None:
-            raise ServeError(f"{self.root}: no 'current' bundle (nothing deployed yet: run `python run.py run`)")
+            raise ServeError(f"{self.root}: no 'current' bundle (nothing deployed yet: run `edgeopt run`)")
         self.active = load_bundle(self.root, target)
         self._lock = threading.Lock()
         self._loader: Optional[threading.Thread] = None
