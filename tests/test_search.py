@@ -1,6 +1,7 @@
 """Search, not a grid (variants.search): a study that resumes after SIGKILL, workers in parallel on one
-SQLite study, rejection before any fine-tune (the fine-tunes counted), the same trials for the same seed,
-and a size target met with the least pruning, through the pipeline's own evaluate, select and promote."""
+SQLite study, rejection before any fine-tune (the fine-tunes counted), one fine-tune per trial continued
+through its rungs (the optimizer steps counted), the same trials for the same seed, and a size target met
+with the least pruning, through the pipeline's own evaluate, select and promote."""
 
 import os
 import re
@@ -10,6 +11,7 @@ import time
 import pytest
 
 import edgeopt.shrink.run as shrink_run
+import edgeopt.train.fit as train_fit
 from edgeopt.plan import parse_config
 from edgeopt.search.outcome import render, search_report
 from edgeopt.search.probe import Prober
@@ -21,15 +23,23 @@ from tests._tiny import TINY
 
 @pytest.fixture
 def fine_tunes(monkeypatch):
-    """Every KD fine-tune run in this process (``fit`` as shrink_base calls it), by its step count."""
+    """Every KD fine-tune run in this process (``fit`` as shrink_base calls it): [steps it was sized for,
+    optimizer steps it took (counted by a hook on its optimizer)]."""
     calls = []
-    real = shrink_run.fit
+    real_fit, real_optimizer = shrink_run.fit, train_fit.make_optimizer
 
     def counted(model, dataset, cfg, **kw):
-        calls.append(cfg.steps)
-        return real(model, dataset, cfg, **kw)
+        calls.append([cfg.steps, 0])
+        return real_fit(model, dataset, cfg, **kw)
+
+    def hooked(model, cfg):
+        optimizer = real_optimizer(model, cfg)
+        if calls:
+            optimizer.register_step_post_hook(lambda *_: calls[-1].__setitem__(1, calls[-1][1] + 1))
+        return optimizer
 
     monkeypatch.setattr(shrink_run, "fit", counted)
+    monkeypatch.setattr(train_fit, "make_optimizer", hooked)
     return calls
 
 
@@ -127,17 +137,30 @@ def test_a_size_target_is_met_with_the_least_pruning_and_rejected_candidates_are
     assert report.objective["student"] == "least compression that meets the target"
     trained = [t for t in report.trials if t.rungs]
     assert [t.amount for t in trained] == [0.4]
-    assert fine_tunes == [r[0] for r in by_amount[0.4].rungs]  # the only fine-tunes: 0.4's rungs
+    t = by_amount[0.4]  # the only fine-tune: 0.4's, one through its rungs
+    assert fine_tunes == [[t.rungs[-1][0], t.steps]] and t.steps == t.rungs[-1][0] == report.finetune_steps
     assert [(s.slot, s.amount) for s in report.survivors] == [(1, 0.4)]
     assert "least compression that meets the target" in report.survivors[0].why
 
 
-def test_the_same_seed_gives_the_same_trials(tmp_path, tiny_raw, digits, teacher_ckpt, student_ckpt):
+def test_the_same_seed_gives_the_same_trials_and_a_promoted_trial_continues_its_fine_tune(
+        tmp_path, tiny_raw, digits, teacher_ckpt, student_ckpt, fine_tunes):
     def trials(name, seed):
         cfg = search_config(tmp_path, tiny_raw, name, budget={"trials": 4}, seed=seed)
+        del fine_tunes[:]
         run_worker(cfg, digits, {"student": student_ckpt}, teacher_ckpt)
         report = search_report(cfg, digits, {"student": student_ckpt})
-        return [(t.amount, t.state, t.stop.split(":")[0], t.value) for t in report.trials], report.survivors
+        # one fine-tune per trained trial, its optimizer steps those of the rung it stopped at: a promoted trial
+        # continued its fine-tune (steps 1..r2), it did not repeat the first rung's (1..r1, then 1..r2)
+        trained = [t for t in report.trials if t.trained]
+        assert [steps for _, steps in fine_tunes] == [t.steps for t in trained], render(report)
+        assert all(t.steps == t.rungs[-1][0] for t in trained) and report.finetune_steps == sum(t.steps for t in trained)
+        assert len({planned for planned, _ in fine_tunes}) == 1  # every fine-tune sized for the last rung
+        promoted = [t for t in trained if len(t.rungs) > 1]
+        assert promoted and all(t.steps < sum(r[0] for r in t.rungs) for t in promoted), render(report)
+        assert report.restart_steps - report.finetune_steps == sum(r[0] for t in trained for r in t.rungs[:-1])
+        return [(t.amount, t.state, t.stop.split(":")[0], t.value, t.rungs, t.steps) for t in report.trials], \
+            report.survivors
 
     first, again = trials("seed-a", 3), trials("seed-b", 3)
     assert first == again

@@ -173,6 +173,24 @@ def test_steps_set_the_run_length_and_early_stop_keeps_the_best_weights(digits):
     assert hist["best_step"] == 20  # a tie goes to the later weights
 
 
+def test_a_caller_sees_every_evaluation_and_stops_the_run_on_the_whole_runs_schedule(digits):
+    """What a search's successive halving needs: evaluations at its rungs' steps, reported as they come, and a
+    stop there that leaves the run as the first steps of the longer one (a cosine sized for all 16 steps)."""
+    def run(stop_at):
+        torch.manual_seed(0)
+        model, seen = build_model("small_cnn", 10, 1, 4), []
+        hist = fit(model, digits, FitConfig(steps=16, batch_size=32, eval_every=8, lr=0.05), seed=0, eval_at=(3, 6),
+                   on_eval=lambda step, acc: seen.append((step, acc)) or step == stop_at)
+        assert seen == list(zip(hist["step"], hist["val_acc"]))
+        return hist
+
+    stopped, whole = run(6), run(None)
+    assert stopped["step"] == [3, 6] and stopped["steps"] == 6 and stopped["stopped_by"] == "on_eval"
+    assert stopped["stopped_early"] and stopped["best_val_acc"] == max(stopped["val_acc"])
+    assert whole["step"] == [3, 6, 8, 16] and whole["steps"] == 16 and whole["stopped_by"] is None
+    assert whole["val_acc"][:2] == stopped["val_acc"] and whole["loss"][:2] == stopped["loss"]
+
+
 def test_training_runs_on_cuda_when_torch_sees_one_else_on_the_cpu(digits, monkeypatch):
     has_cuda = torch.cuda.is_available()
     assert resolve_device("cpu").type == "cpu"

@@ -42,7 +42,8 @@ class TrialRecord(BaseModel):
     params: Optional[int] = None
     macs: Optional[int] = None
     combos: Dict[str, Dict[str, float]] = {}  # combination -> p50_ms, size_mb, noise_pct, base_p50_ms
-    rungs: List[List[float]] = []  # [fine-tune steps, val accuracy, drop (pt), score]
+    rungs: List[List[float]] = []  # [fine-tune steps so far, val accuracy, drop (pt), score] at each rung reached
+    steps: int = 0  # optimizer steps of its one fine-tune, continued through its rungs (0: it ran none)
     value: Optional[float] = None  # the final score (COMPLETE) or the last reported one
     seconds: Optional[float] = None
     worker: str = ""
@@ -73,12 +74,17 @@ class SearchReport(BaseModel):
     reference_accuracy: Optional[float]
     trials: List[TrialRecord]
     survivors: List[Survivor]
-    finetune_trials: int  # trials that ran at least one fine-tune
-    finetunes: int  # fine-tunes run inside the study (rungs)
+    finetune_trials: int  # trials that ran a fine-tune (one each, continued through its rungs)
+    finetune_steps: int = 0  # their optimizer steps, all together
+
+    @property
+    def restart_steps(self) -> int:
+        """The optimizer steps the same rungs would have taken had each rung started its fine-tune over."""
+        return sum(int(r[0]) for t in self.trials if t.trained for r in t.rungs)
 
     def survivors_only(self) -> "SearchReport":
         """What the survivors' fine-tunes depend on, without what changes from run to run (the trials)."""
-        return self.model_copy(update={"trials": [], "finetune_trials": 0, "finetunes": 0})
+        return self.model_copy(update={"trials": [], "finetune_trials": 0, "finetune_steps": 0})
 
     def slot(self, base: str, slot: int) -> Optional[Survivor]:
         return next((s for s in self.survivors if s.base == base and s.slot == slot), None)
@@ -97,6 +103,7 @@ def _record(t: Any, retries: Dict[int, int]) -> TrialRecord:
         macs=probe.get("macs"), combos=probe.get("combos", {}), rungs=a.get("rungs", []),
         value=t.value if t.value is not None else last, seconds=seconds, worker=a.get("worker", ""),
         signature=probe.get("signature", ""), trained=bool(a.get("rungs")) and "same_as" not in a,
+        steps=0 if "same_as" in a else int(a.get("finetune_steps", 0)),
     )
 
 
@@ -168,10 +175,11 @@ def search_report(cfg: RunConfig, dataset: Dataset, bases: Dict[str, Checkpoint]
         study=name, storage=redact_uri(storage_url(cfg)), sampler=search.sampler, objective=objective,
         reference_accuracy=attrs.get("reference_accuracy"), trials=trials,
         survivors=choose_survivors(cfg, trials, judges, base_combos),
-        finetune_trials=sum(t.trained for t in trials), finetunes=sum(len(t.rungs) for t in trials if t.trained),
+        finetune_trials=sum(t.trained for t in trials), finetune_steps=sum(t.steps for t in trials),
     )
-    log.info("search: study %s: %d trials (%d fine-tuned, %d fine-tunes), survivors %s", name, len(trials),
-             report.finetune_trials, report.finetunes, ", ".join(f"{s.base}-s{s.slot}={s.label}" for s in report.survivors))
+    log.info("search: study %s: %d trials (%d fine-tuned, %d steps), survivors %s", name, len(trials),
+             report.finetune_trials, report.finetune_steps,
+             ", ".join(f"{s.base}-s{s.slot}={s.label}" for s in report.survivors))
     return report
 
 
@@ -198,8 +206,9 @@ def render(report: SearchReport) -> str:
     lines = [f"# Search: study `{report.study}`", "",
              f"Storage {report.storage}; sampler {report.sampler}; optimized: "
              + "; ".join(f"{b}: {o}" for b, o in report.objective.items())
-             + f". {len(report.trials)} trials, {report.finetune_trials} fine-tuned ({report.finetunes} short "
-               f"fine-tunes); reference val acc "
+             + f". {len(report.trials)} trials, {report.finetune_trials} fine-tuned: {report.finetune_steps} "
+               f"optimizer steps, each trial's rungs one continued fine-tune ({report.restart_steps} had each rung "
+               f"started over); reference val acc "
              + ("n/a" if report.reference_accuracy is None else f"{report.reference_accuracy:.4f}") + ".", "",
              "| trial | candidate | state | params | best p50 ms | smallest MB | val acc | score | why it stopped |",
              "|---|---|---|---|---|---|---|---|---|"]

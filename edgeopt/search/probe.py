@@ -6,8 +6,11 @@
   depend on the weights), then timed with the run's latency protocol (``edgeopt.measure.latency.measure``)
   in ONE loop with the unpruned base's same models, so that every speed is a same-run ratio. Seconds,
   not a fine-tune.
-- :meth:`Prober.finetune`: the same ``shrink_base`` with a short KD fine-tune (a rung of successive
-  halving), from scratch each time: its accuracy is what a grid variant with that many steps would get.
+- :meth:`Prober.finetune`: the same ``shrink_base`` with ONE short KD fine-tune that runs through the
+  successive-halving rungs (Hyperband with continuation): its warm-up and cosine are sized for the
+  longest rung, it is evaluated at each rung's step, and the caller stops it at the rung where successive
+  halving drops the trial. A promoted candidate continues where its last rung stopped instead of starting
+  over; one that reaches the last rung got the schedule a grid variant of that length gets.
 
 Survivors get the technique's full fine-tune in the pipeline (``edgeopt.search.outcome.build_survivor``).
 """
@@ -49,8 +52,9 @@ def full_steps(base: Checkpoint, dataset: Dataset, opts) -> int:
 
 
 def rung_steps(full: int, short: float, rungs: int, reduction_factor: int) -> List[int]:
-    """The fine-tune lengths of the successive-halving rungs: each ``reduction_factor`` times the last, the
-    last ``short`` of the full fine-tune (at least one step each, never longer than the full one)."""
+    """The steps at which the successive-halving rungs end (one fine-tune runs through them): each
+    ``reduction_factor`` times the last, the last ``short`` of the full fine-tune (at least one step each,
+    never longer than the full one)."""
     first = max(1, round(short * full / reduction_factor ** (rungs - 1)))
     return sorted({min(full, first * reduction_factor ** k) for k in range(rungs)})
 
@@ -88,13 +92,14 @@ class Prober:
 
         return split_accuracy(load_checkpoint(self.bases.get("teacher", self.kd_teacher)), self.dataset, "val")
 
-    def shrunk(self, cand: Candidate, steps: int = 0) -> Checkpoint:
-        """The candidate built by ``shrink_base``: no fine-tune (``steps`` 0), or a KD fine-tune of ``steps``."""
+    def shrunk(self, cand: Candidate, steps: int = 0, **fit_hooks: Any) -> Checkpoint:
+        """The candidate built by ``shrink_base``: no fine-tune (``steps`` 0), or a KD fine-tune of ``steps``
+        (``fit_hooks``: ``eval_at`` and ``on_eval``, for its ``fit``)."""
         from edgeopt.shrink.run import shrink_base
 
         opts = self.cand_options(cand).model_copy(update={"finetune_epochs": 0, "finetune_steps": steps or None})
         return shrink_base(self.bases[cand.base], self.kd_teacher, self.dataset, cand.technique, cand.amount, opts,
-                           self.seed)
+                           self.seed, **fit_hooks)
 
     def cand_options(self, cand: Candidate):
         return cand.options(self.search.shrink)
@@ -196,12 +201,24 @@ class Prober:
         shapes = sorted((k, tuple(v.shape)) for k, v in state.items())
         return hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
 
-    def finetune(self, cand: Candidate, steps: int) -> Tuple[Optional[float], str]:
-        """(val accuracy after a KD fine-tune of ``steps``, or None; why not) on a fresh build."""
-        self.finetunes.append(steps)
+    def finetune(self, cand: Candidate, rungs: List[int],
+                 on_rung: Callable[[int, float], bool]) -> Tuple[int, Optional[float], str]:
+        """One KD fine-tune of a fresh build through the rungs (``rungs``: their steps, ascending):
+        ``on_rung(k, acc)`` after rung ``k``'s evaluation, with the best val accuracy so far (the weights the
+        fine-tune keeps if it stops there); True stops the fine-tune at that rung. The schedule is sized
+        for ``rungs[-1]`` either way. Returns (optimizer steps run, best val accuracy or None, why none)."""
+        index = {s: k for k, s in enumerate(rungs)}
+        seen = {"steps": 0, "best": -1.0}
+
+        def on_eval(step: int, acc: float) -> bool:
+            seen["steps"], seen["best"] = step, max(seen["best"], acc)
+            return step in index and on_rung(index[step], seen["best"])
+
         with workdir_scope():
-            ckpt = self.shrunk(cand, steps)
-            m = ckpt.manifest
-            if not m.get("learned", True) or m.get("val_accuracy") is None:
-                return None, str(m.get("reason") or "the fine-tune did not run")
-            return float(m["val_accuracy"]), ""
+            m = self.shrunk(cand, rungs[-1], eval_at=rungs, on_eval=on_eval).manifest
+        ran = int(seen["steps"])
+        if ran:
+            self.finetunes.append(ran)
+        if not m.get("learned", True) or m.get("val_accuracy") is None:
+            return ran, None, str(m.get("reason") or "the fine-tune did not run")
+        return ran, float(m["val_accuracy"]), ""

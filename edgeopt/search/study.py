@@ -241,24 +241,41 @@ class Worker:
             trial.report(0.0, 0)
             stop(f"rejected before fine-tune: dominated: {by} keeps more of the model and {rule}")
             raise optuna.TrialPruned()
-        rungs: List[List[float]] = []
-        steps_list = self.rungs[(cand.base, cand.technique)]
-        for k, steps in enumerate(steps_list):
-            acc, why_not = self.prober.finetune(cand, steps)
-            if acc is None:
-                stop(f"failed: the {steps}-step fine-tune: {why_not}")
-                raise SearchTrialError(why_not)
+        rungs: List[List[float]] = []  # [steps run, val acc, drop, score] at each rung reached
+        steps_list, rf = self.rungs[(cand.base, cand.technique)], self.search.reduction_factor
+        halted: List[int] = []
+
+        def at_rung(k: int, step: int, acc: float) -> None:
             drop = 100 * (ref - acc)
-            score = judge.score(probe, drop)
-            rungs.append([steps, acc, drop, score])
+            rungs.append([step, acc, drop, judge.score(probe, drop)])
             trial.set_user_attr("rungs", rungs)
-            trial.report(score, self.search.reduction_factor ** k)
+            trial.report(rungs[-1][3], rf ** k)
+
+        def on_rung(k: int, acc: float) -> bool:
+            """Rung ``k`` reached by the one fine-tune: its score reported; True stops the fine-tune there."""
+            at_rung(k, steps_list[k], acc)
             if k < len(steps_list) - 1 and trial.should_prune():
-                stop(f"stopped by successive halving after the {steps}-step fine-tune (val acc {acc:.4f}, "
-                     f"drop {drop:.2f} pt, score {score:.2f}: not in the best 1/{self.search.reduction_factor} "
-                     f"of its rung)")
-                raise optuna.TrialPruned()
-        stop(f"short fine-tune done: {steps_list[-1]} steps, val acc {rungs[-1][1]:.4f}, drop {rungs[-1][2]:.2f} pt")
+                halted.append(k)
+                return True
+            return False
+
+        ran, acc, why_not = self.prober.finetune(cand, steps_list, on_rung)
+        trial.set_user_attr("finetune_steps", ran)  # optimizer steps, the rungs' continuations included once
+        if acc is None:
+            stop(f"failed: the {steps_list[-1]}-step fine-tune: {why_not}")
+            raise SearchTrialError(why_not)
+        if halted:
+            last = rungs[-1]
+            stop(f"stopped by successive halving after {ran} fine-tune steps (val acc {last[1]:.4f}, drop "
+                 f"{last[2]:.2f} pt, score {last[3]:.2f}: not in the best 1/{rf} of its rung)")
+            raise optuna.TrialPruned()
+        if not rungs or rungs[-1][0] != ran:  # the fine-tune's own early stop (patience) between two rungs
+            at_rung(len(rungs), ran, acc)
+            stop(f"short fine-tune done: early stop at step {ran} of {steps_list[-1]}, val acc {acc:.4f}, "
+                 f"drop {rungs[-1][2]:.2f} pt")
+        else:
+            stop(f"short fine-tune done: {ran} steps through {len(rungs)} rung(s), val acc {rungs[-1][1]:.4f}, "
+                 f"drop {rungs[-1][2]:.2f} pt")
         return float(rungs[-1][3])
 
     def run(self, study: Any, wall_minutes: Optional[float], trials: Optional[int]) -> None:

@@ -3,7 +3,8 @@
 A trial run carries the metrics a variant run does where the trial has them (``accuracy`` and
 ``accuracy_drop`` on validation after its last short fine-tune, ``latency_p50_ms`` and ``size_mb`` of its
 fastest and smallest combination, ``params``, ``macs``), each combination's as ``<combination>.<metric>``,
-the accuracy after every rung as ``rung_accuracy`` (step: fine-tune steps), its candidate as params, and
+the accuracy after every rung as ``rung_accuracy`` (step: fine-tune steps), the optimizer steps its one
+fine-tune ran through its rungs as ``finetune_steps``, its candidate as params, and
 why it stopped as the tag ``search.stop``. Status: FINISHED (the short fine-tunes ran), KILLED (stopped
 before or between them), FAILED. The parent run gets the search's table as ``report/search.md``.
 """
@@ -31,6 +32,8 @@ def trial_metrics(t: TrialRecord, reference_accuracy: float | None) -> Dict[str,
         key = _METRIC_BAD.sub("-", name)
         out.update({f"{key}.latency_p50_ms": c["p50_ms"], f"{key}.size_mb": c["size_mb"],
                     f"{key}.speedup_vs_base": c["base_p50_ms"] / c["p50_ms"]})
+    if t.steps:
+        out["finetune_steps"] = float(t.steps)
     if t.accuracy is not None:
         out["accuracy"] = t.accuracy
         if reference_accuracy is not None:

@@ -19,7 +19,7 @@ import re
 import tempfile
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Collection, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -81,10 +81,12 @@ def _export_error(err: BaseException) -> str:
 
 
 def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, technique: str, amount: float,
-                opts: TechniqueOptions, seed: int = 0) -> Checkpoint:
+                opts: TechniqueOptions, seed: int = 0, *, eval_at: Collection[int] = (),
+                on_eval: Optional[Callable[[int, float], bool]] = None) -> Checkpoint:
     """``technique`` at ``amount`` on ``base``, KD fine-tuned from ``kd_teacher``; the Checkpoint records
     MACs and params before and after, the recipe and the lineage. A base that did not learn is not
-    shrunk: the result says so and its variants are skipped."""
+    shrunk: the result says so and its variants are skipped. ``eval_at`` and ``on_eval`` go to the
+    fine-tune's ``fit`` (a search's rungs: evaluated there, and stopped there by the caller)."""
     t = get(technique)
     m = base.manifest
     tag, base_name, train = t.variant_tag(amount), m.get("base", m["role"]), m.get("train_config") or {}
@@ -125,7 +127,7 @@ def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, tech
         hist = fit(model, dataset, finetune_config(train, opts), teacher=load_checkpoint(kd_teacher),
                    kd=KDConfig.model_validate(train.get("kd") or {}),
                    teacher_output=kd_teacher.manifest.get("output", "logits"), seed=seed,
-                   desc=f"{base_name} {tag} KD fine-tune")
+                   desc=f"{base_name} {tag} KD fine-tune", eval_at=eval_at, on_eval=on_eval)
         val_acc = hist["best_val_acc"]
     if after is not None:
         applied.update(after())
