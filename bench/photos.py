@@ -11,6 +11,14 @@ scaled to the smaller held-out band so that held-out crops are not systematicall
 rotation (the rotated square stays inside its region) and horizontal flip, resampled to 224 x 224 and
 written as PNG. Deterministic: one seeded generator per class and region.
 
+Held-out regions (``heldout``):
+
+- ``disjoint`` (default): validation and test crops from two regions of their own;
+- ``shared``: validation and test crops both drawn at random from one held-out region (the val and test
+  bands merged), so that validation predicts test: when validation comes from other regions than test it
+  cannot (on one such split a brought model scored 68 % on validation and 94 % on test). Still no pixel
+  of a held-out crop was seen in training.
+
 Layouts:
 
 - ``split`` (default): ``root/{train,val,test}/<class>/*.png`` (edgeopt's data loader keeps such a split);
@@ -125,8 +133,9 @@ def _largest_side(box: Box) -> float:
     return min(box[2] - box[0], box[3] - box[1]) / (math.cos(t) + math.sin(t))
 
 
-def crops(img: np.ndarray, box: Box, n: int, side_range: Tuple[float, float], seed: int) -> List[np.ndarray]:
-    """``n`` SIZE x SIZE uint8 crops whose rotated square lies inside ``box``."""
+def crops(img: np.ndarray, box: Box, n: int, side_range: Tuple[float, float], seed: int,
+          size: int = SIZE) -> List[np.ndarray]:
+    """``n`` ``size`` x ``size`` uint8 crops whose rotated square lies inside ``box``."""
     from PIL import Image
 
     pil = Image.fromarray(img)
@@ -139,11 +148,11 @@ def crops(img: np.ndarray, box: Box, n: int, side_range: Tuple[float, float], se
         if 2 * half > min(box[2] - box[0], box[3] - box[1]):
             continue
         cx, cy = rng.uniform(box[0] + half, box[2] - half), rng.uniform(box[1] + half, box[3] - half)
-        k, c, s = side / SIZE, math.cos(angle), math.sin(angle)
-        # output pixel (u, v) -> input (cx, cy) + k * R(angle) @ (u - SIZE/2, v - SIZE/2)
+        k, c, s = side / size, math.cos(angle), math.sin(angle)
+        # output pixel (u, v) -> input (cx, cy) + k * R(angle) @ (u - size/2, v - size/2)
         a, b, d, e = k * c, -k * s, k * s, k * c
-        coeffs = (a, b, cx - SIZE / 2 * (a + b), d, e, cy - SIZE / 2 * (d + e))
-        crop = pil.transform((SIZE, SIZE), Image.AFFINE, coeffs, resample=Image.BICUBIC)
+        coeffs = (a, b, cx - size / 2 * (a + b), d, e, cy - size / 2 * (d + e))
+        crop = pil.transform((size, size), Image.AFFINE, coeffs, resample=Image.BICUBIC)
         if rng.random() < 0.5:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
         out.append(np.asarray(crop))
@@ -153,13 +162,16 @@ def crops(img: np.ndarray, box: Box, n: int, side_range: Tuple[float, float], se
 def build_photo_folder(root: Path, classes: Sequence[str] = DEFAULT_CLASSES, n_train: int = 200, n_test: int = 100,
                        seed: int = 0, layout: str = "split", test_fraction: float = TEST_FRACTION,
                        progress: Optional[Callable[[str], None]] = print, n_val: int = 50,
-                       val_fraction: float = VAL_FRACTION) -> Dict[str, object]:
+                       val_fraction: float = VAL_FRACTION, size: int = SIZE,
+                       heldout: str = "disjoint") -> Dict[str, object]:
     """Write the ImageFolder under ``root`` (replaced whole, via a temporary folder) and return its
     description (also written to ``root/photos.json``)."""
     from PIL import Image
 
     if layout not in ("split", "flat"):
         raise ValueError(f"layout: expected 'split' or 'flat', got {layout!r}")
+    if heldout not in ("disjoint", "shared"):
+        raise ValueError(f"heldout: expected 'disjoint' or 'shared', got {heldout!r}")
     unknown = [c for c in classes if c not in PHOTOS]
     if unknown:
         raise ValueError(f"unknown class {unknown[0]!r}; expected some of {', '.join(PHOTOS)}")
@@ -173,6 +185,9 @@ def build_photo_folder(root: Path, classes: Sequence[str] = DEFAULT_CLASSES, n_t
             img = load_photo(cls.source)
             h, w = img.shape[:2]
             boxes = regions(w, h, cls, test_fraction, val_fraction)
+            if heldout == "shared":  # one held-out box: the val and test bands and the gap between them
+                v, t = boxes["val"], boxes["test"]
+                boxes["val"] = boxes["test"] = (min(v[0], t[0]), min(v[1], t[1]), max(v[2], t[2]), max(v[3], t[3]))
             largest = min(_largest_side(boxes["test"]), _largest_side(boxes["val"]))
             side_range = (SCALE[0] * largest, SCALE[1] * largest)
             counts = {"train": n_train, "val": n_val, "test": n_test}
@@ -180,7 +195,7 @@ def build_photo_folder(root: Path, classes: Sequence[str] = DEFAULT_CLASSES, n_t
                 folder = tmp / split / name if layout == "split" else tmp / name
                 folder.mkdir(parents=True, exist_ok=True)
                 prefix = "" if layout == "split" else f"{split}_"
-                for i, a in enumerate(crops(img, boxes[split], counts[split], side_range, seed * 1000 + ci * 10 + si)):
+                for i, a in enumerate(crops(img, boxes[split], counts[split], side_range, seed * 1000 + ci * 10 + si, size)):
                     Image.fromarray(a).save(folder / f"{prefix}{name}_{i:04d}.png", optimize=False)
             described.append({**asdict(cls), "photo_size": [w, h], "regions": boxes,
                               "crop_side_px": [round(v, 1) for v in side_range], **{f"n_{k}": v for k, v in counts.items()}})
@@ -189,7 +204,7 @@ def build_photo_folder(root: Path, classes: Sequence[str] = DEFAULT_CLASSES, n_t
                          + "  ".join(f"{k} {tuple(round(v) for v in boxes[k])}" for k in SPLITS)
                          + f"  crop side {side_range[0]:.0f}-{side_range[1]:.0f} px -> {n_train} train + "
                            f"{n_val} val + {n_test} test")
-        info = {"layout": layout, "size": SIZE, "seed": seed, "test_fraction": test_fraction,
+        info = {"layout": layout, "size": size, "heldout": heldout, "seed": seed, "test_fraction": test_fraction,
                 "val_fraction": val_fraction, "gap_px": GAP,
                 "max_rotation_deg": MAX_ROTATION, "classes": described}
         (tmp / "photos.json").write_text(json.dumps(info, indent=2))
@@ -225,11 +240,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--test", type=int, default=100, help="test crops per class")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layout", choices=("split", "flat"), default="split")
+    p.add_argument("--size", type=int, default=SIZE, help="crop side in pixels")
+    p.add_argument("--heldout", choices=("disjoint", "shared"), default="disjoint",
+                   help="val and test from regions of their own, or both drawn from one held-out region")
     p.add_argument("--test-fraction", type=float, default=TEST_FRACTION, help="share of each photo held out for test")
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION, help="share of each photo held out for val")
     a = p.parse_args(argv)
     build_photo_folder(a.root, a.classes, a.train, a.test, a.seed, a.layout, a.test_fraction, n_val=a.val,
-                       val_fraction=a.val_fraction)
+                       val_fraction=a.val_fraction, size=a.size, heldout=a.heldout)
     print(f"photos: wrote {a.root} ({a.layout} layout)")
     return 0
 
