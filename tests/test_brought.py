@@ -214,7 +214,7 @@ def test_an_onnx_teacher_is_pruned_and_fine_tuned_through_the_pipeline(prob_onnx
            "teacher": {"onnx": str(prob_onnx), "optimizer": "adamw", "weight_decay": 0.0001},
            "variants": {**tiny_raw["variants"], "bases": ["teacher"], "quantization": ["fp32"], "formats": ["onnx"],
                         "runtimes": ["onnxruntime"],
-                        "shrink": {"prune": {"amounts": [0.5], "finetune_steps": 60, "lr": 0.003, "round_to": None}}},
+                        "shrink": {"prune": {"amounts": [0.5], "finetune_steps": 100, "lr": 0.003, "round_to": None}}},
            "target": {**tiny_raw["target"], "constraints": {"max_accuracy_drop": 20.0}},
            "registry": {"name": "tiny-converted"},
            "tracking": {"uri": f"sqlite:///{state_dir / 'mlflow-converted.db'}", "experiment": "tiny-converted"},

@@ -31,7 +31,7 @@ from edgeopt.config.load import apply_overrides
 from edgeopt.data import images
 from edgeopt.data.sources import DataError, load_dataset
 from edgeopt.plan import load_config, parse_config
-from edgeopt.plan.reference import ReferenceError, prepare_reference
+from edgeopt.plan.reference import ReferenceError, best_class_order, prepare_reference
 from edgeopt_zenml.cli import cli
 from examples.make_shapes import make_shapes
 from tests._tiny import ROOT
@@ -121,8 +121,14 @@ def test_the_models_metadata_gives_normalization_and_class_order(tmp_path, imgs)
 
 def test_a_label_map_is_honoured(tmp_path, imgs):
     model = brightness_model(tmp_path / "m.onnx", ("dim", "bright"))  # its class 0 is dim: not the sorted order
-    with pytest.raises(ReferenceError, match=r"scores 0.0 % .* class order \(data.labels"):
-        prepare_reference(parse_config(brought(tmp_path, model, imgs, mean="imagenet")))
+    cfg = parse_config(brought(tmp_path, model, imgs, mean="imagenet"))
+    with pytest.raises(ReferenceError, match=r"scores 0.0 % .* class order \(data.labels.* in the class order "
+                                             r"data.labels: \[dim, bright\] \(output index -> folder name\) it scores 100.0 %"):
+        prepare_reference(cfg)
+    forced = prepare_reference(cfg.model_copy(update={"checks": cfg.checks.model_copy(update={"near_chance": "warn"})}))
+    assert forced.config.data.labels is None  # named, not applied on its own
+    assert any(w.startswith("the brought model scores 0.0 % with class i as the i-th of [bright, dim]; in the class "
+                            "order data.labels: [dim, bright]") for w in forced.warnings), forced.warnings
     (tmp_path / "labels.txt").write_text("dim\nbright\n")
     (tmp_path / "labels.json").write_text(json.dumps({"1": "bright", "0": "dim"}))
     for labels in (str(tmp_path / "labels.txt"), str(tmp_path / "labels.json"), ["dim", "bright"]):
@@ -134,6 +140,15 @@ def test_a_label_map_is_honoured(tmp_path, imgs):
     (tmp_path / "bad.txt").write_text("dim\ncat\n")
     with pytest.raises(DataError, match="names no class folder: 'cat'; it has no entry for the class folder.s. 'bright'"):
         load_dataset(parse_config(brought(tmp_path, model, imgs, labels=str(tmp_path / "bad.txt"))).data, 0)
+
+
+def test_the_class_order_that_fits_is_found_on_the_confusion_matrix():
+    classes = ["cat", "coffee", "flower", "rocket"]
+    y = np.repeat(np.arange(4), 25)
+    predicted = np.array([0, 1, 3, 2])[y]  # the model learned flower and rocket the other way round
+    predicted[:5] = 1  # and misses 5 cats
+    assert best_class_order(predicted, y, classes) == (["cat", "coffee", "rocket", "flower"], 0.95)
+    assert best_class_order(y, y, classes) == (classes, 1.0)
 
 
 def test_a_state_dict_is_brought_and_scored_the_same_way(tmp_path, imgs):

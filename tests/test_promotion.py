@@ -294,7 +294,7 @@ def test_sigkill_during_deployment_never_leaves_a_half_bundle(tmp_path):
         cur.verify()  # every file present and listed, every sha256 right
         dep.check_loads(cur)
         assert (cur.path / "model.onnx").stat().st_size > 4_000_000
-        assert any(e["to"] == cur.path.name for e in dep.history(root))  # what is served is in the history
+        assert any(e["to"] == cur.path.name for e in history(root))  # what is served is in the history
     final = dep.deploy(model_dir(99).path, root, name="final", model_files=["model.onnx"],
                        runtime={"runtime": "onnxruntime"}, labels=LABELS, info=deploy_info("m", "99"), keep=3)
     assert dep.current(root).path == final.path and not list((root / "versions").glob(".tmp-*"))

@@ -12,6 +12,8 @@ accuracy. So, on up to :data:`PROBE_IMAGES` validation images, decoded the way t
   train split's statistics) and keeps the one the model scores best with, saying so;
 - the class order comes from ``data.labels``, else from the metadata's class names when they are the
   folder names (``labels``, ``classes``, ``class_names`` or ``names``);
+- a class order that scores :data:`WARN_GAIN` better than the configured one (the best assignment of output
+  indices to folders on the confusion matrix) is named in a warning: it is not applied on its own;
 - a model that scores near chance (``edgeopt.train.fit.chance_level``) is refused with the reason and
   what scored better, unless ``checks.near_chance: warn`` (``--force``).
 
@@ -163,6 +165,18 @@ def _describe(name: str, stats: Stats) -> str:
     return f"{what} (mean {[round(v, 3) for v in stats[0]]}, std {[round(v, 3) for v in stats[1]]})"
 
 
+def best_class_order(predicted: np.ndarray, labels: np.ndarray, classes: List[str]) -> Tuple[List[str], float]:
+    """The folder name for each output index that agrees best with the labels (an assignment on the
+    confusion matrix, so each folder is named once), and the accuracy in that order."""
+    from scipy.optimize import linear_sum_assignment
+
+    k = len(classes)
+    confusion = np.zeros((k, k), np.int64)
+    np.add.at(confusion, (predicted, labels), 1)
+    rows, cols = linear_sum_assignment(confusion, maximize=True)
+    return [classes[c] for c in cols[np.argsort(rows)]], float(confusion[rows, cols].sum() / max(len(labels), 1))
+
+
 def prepare_reference(cfg: RunConfig) -> Prepared:
     """Decide the brought model's normalization and class order on validation images and refuse a model that
     scores near chance (see the module's doc); a trained teacher needs none of it. Loads the data (its decoded
@@ -191,16 +205,19 @@ def prepare_reference(cfg: RunConfig) -> Prepared:
         candidates = {configured: (list(data.mean), list(data.std)), **candidates}
     elif data.mean is None:
         configured = "metadata" if "metadata" in candidates else "train"
-    def score(stats: Stats) -> float:
+    predicted: Dict[str, np.ndarray] = {}
+
+    def score(name: str, stats: Stats) -> float:
         m, s = (np.asarray(v, np.float32)[:, None, None] for v in stats)
         out = predict(((pixels - m) / s).astype(np.float32))
         if out.shape != (len(y), len(ds.classes)):
             raise ValueError(f"output shape {list(out.shape)[1:]} does not fit {len(ds.classes)} classes")
-        return float((out.argmax(1) == y).mean())
+        predicted[name] = out.argmax(1)
+        return float((predicted[name] == y).mean())
 
     try:
         predict = _predict(cfg, len(ds.classes), channels)
-        scores = {name: score(stats) for name, stats in candidates.items()}
+        scores = {name: score(name, stats) for name, stats in candidates.items()}
     except Exception as err:  # noqa: BLE001 - the run's own step reports what is wrong with the model, in its words
         from edgeopt.models.brought import first_line
 
@@ -221,6 +238,13 @@ def prepare_reference(cfg: RunConfig) -> Prepared:
                         f"but {100 * scores[best]:.1f} % with {_describe(best, candidates[best])}: "
                         + ("set data.mean: " + best if best in NORMALIZATIONS else "set data.mean/std to it")
                         + " (or data.mean: auto)")
+    order, reordered = best_class_order(predicted[chosen], y, ds.classes)
+    hint = ""
+    if order != ds.classes and reordered - scores[chosen] >= WARN_GAIN:
+        hint = (f"; in the class order data.labels: [{', '.join(order)}] (output index -> folder name) "
+                f"it scores {100 * reordered:.1f} %")
+        warnings.append(f"the brought model scores {100 * scores[chosen]:.1f} % with class i as the i-th of "
+                        f"[{', '.join(ds.classes)}]" + hint + ": set data.labels to the order it was trained in")
     chance, learned = chance_level(y)
     accuracy = scores[chosen]
     if accuracy <= learned:
@@ -229,7 +253,7 @@ def prepare_reference(cfg: RunConfig) -> Prepared:
                   f"this data scores above {100 * learned:.1f} %): its normalization, class order (data.labels: class "
                   f"index -> folder name) or resize (data.resize) does not match how it was trained"
                   + (f"; with {_describe(best, candidates[best])} it scores {100 * scores[best]:.1f} %"
-                     if scores[best] > learned else ""))
+                     if scores[best] > learned else "") + hint)
         if cfg.checks.near_chance == "refuse":
             raise ReferenceError(reason + "; go on anyway with --force (checks.near_chance: warn)")
         warnings.append(reason + "; going on (checks.near_chance: warn)")
