@@ -137,13 +137,15 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
 
-def _on(module: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``module`` as a function of tensors on ``device``: moved there when it has weights; a module that has
-    none (a brought ONNX teacher run by ONNX Runtime) is fed on the CPU and its outputs moved."""
+def _on(module: nn.Module, device: torch.device,
+        memory_format: torch.memory_format = torch.contiguous_format) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``module`` as a function of tensors on ``device``: moved there (in ``memory_format``) when it has
+    weights; a module that has none (a brought ONNX teacher run by ONNX Runtime) is fed contiguous tensors
+    on the CPU and its outputs moved."""
     if any(True for _ in module.parameters()):
-        module.to(device)
+        module.to(device, memory_format=memory_format)
         return module
-    return lambda x: module(x.cpu()).to(device)
+    return lambda x: module(x.cpu().contiguous()).to(device)
 
 
 @torch.no_grad()
@@ -266,7 +268,8 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
     device = resolve_device(cfg.device)
     model.to(device)
     # channels-last on a CPU: oneDNN's convolution kernels train a depthwise net (EfficientNet-Lite at
-    # 224x224) about 2.5x faster than in NCHW; the model goes back to the default layout at the end
+    # 224x224) about 2.5x faster than in NCHW, and run its KD teacher 1.7x faster; both go back to the
+    # default layout at the end
     memory_format = (torch.channels_last if device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
                      else torch.contiguous_format)
     model.to(memory_format=memory_format)
@@ -280,7 +283,7 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
     chance, learned_above = chance_level(dataset.labels("val"))
     if teacher is not None:
         teacher.eval()
-        teach = _on(teacher, device)
+        teach = _on(teacher, device, memory_format)
     log.info("%s: %d steps of %d images (%.1f epochs) on %s, %s lr %g, augment %s", desc, steps, cfg.batch_size,
              steps / steps_per_epoch, device.type, cfg.optimizer, cfg.lr,
              augment.model_dump(exclude_defaults=True) or "none")
@@ -294,7 +297,8 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
     bar = tqdm(total=steps, desc=desc, unit="step", mininterval=1.0)
     for step, (raw, labels) in enumerate(train_batches(dataset, cfg.batch_size, seed), start=1):
         x, y = augmenter(raw).to(device), torch.from_numpy(labels).to(device)
-        logits = model(x.contiguous(memory_format=memory_format))
+        x = x.contiguous(memory_format=memory_format)
+        logits = model(x)
         if teacher is None:
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         else:
@@ -334,7 +338,7 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
     model.load_state_dict(best_state)
     model.cpu().to(memory_format=torch.contiguous_format).eval()
     if teacher is not None:
-        teacher.cpu()
+        teacher.cpu().to(memory_format=torch.contiguous_format)
     history.update(best_val_acc=best_acc, best_step=best_step, steps=step, stopped_early=step < steps,
                    stopped_by=stopped_by, chance=chance, learned=best_acc >= learned_above,
                    augment=augment.model_dump(), device=device.type)
