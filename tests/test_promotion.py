@@ -3,6 +3,7 @@ history and lasts; the promotion lease; concurrent promotions; SIGKILL during de
 
 import base64
 import http.server
+import json
 import multiprocessing as mp
 import os
 import random
@@ -18,11 +19,12 @@ import pytest
 from edgeopt.config import PromotionConfig
 from edgeopt.deploy import champion as dep
 from edgeopt.deploy.folder import history
+from edgeopt.plan import parse_config
 from edgeopt.registry import lease as registry
 from edgeopt.registry.versions import alias_version
 from edgeopt.select.promotion import decide
 from edgeopt.track.runs import config_params
-from edgeopt.track.uri import client_for, redact_uri, split_credentials
+from edgeopt.track.uri import client_for, redact_uri, split_credentials, without_credentials
 from tests._deploy_kit import (
     DATASET,
     LABELS,
@@ -34,6 +36,7 @@ from tests._deploy_kit import (
     result,
     versions,
 )
+from tests._search import SEARCH
 from tests._tiny import ROOT
 
 
@@ -78,6 +81,24 @@ def test_tracking_credentials_are_redacted():
     params = config_params({"tracking": {"uri": "http://alice:s3cret@h:5000"},
                             "variants": {"search": {"storage": "postgresql://u:pw@db/optuna"}}})
     assert params == {"tracking.uri": "http://***@h:5000", "variants.search.storage": "postgresql://***@db/optuna"}
+
+
+def test_the_pipeline_parameters_hold_no_password(tiny_raw):
+    """The tracking URI's and the search storage's passwords leave the config the runner passes to ZenML;
+    two PostgreSQL users cannot share libpq's variables, so the second keeps its own in its URL."""
+    def cfg(tracking, storage):
+        return parse_config({**tiny_raw, "tracking": {"uri": tracking},
+                             "variants": {**tiny_raw["variants"], "search": {**SEARCH, "storage": storage}}})
+
+    clean, env = without_credentials(cfg("postgresql://ml:pw1@db/mlflow", "postgresql://ml:pw1@db/optuna"))
+    assert (clean.tracking.uri, clean.variants.search.storage) == ("postgresql://db/mlflow", "postgresql://db/optuna")
+    assert env == {"PGUSER": "ml", "PGPASSWORD": "pw1"} and "pw1" not in json.dumps(clean.model_dump(mode="json"))
+    clean, env = without_credentials(cfg("http://alice:s3cret@h:5000", "postgresql://opt:pw2@db/optuna"))
+    assert (clean.tracking.uri, clean.variants.search.storage) == ("http://h:5000", "postgresql://db/optuna")
+    assert env == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "s3cret",
+                   "PGUSER": "opt", "PGPASSWORD": "pw2"}
+    clean, env = without_credentials(cfg("postgresql://ml:pw1@db/mlflow", "postgresql://opt:pw2@db/optuna"))
+    assert clean.variants.search.storage == "postgresql://opt:pw2@db/optuna" and env["PGPASSWORD"] == "pw1"
 
 
 def test_tracking_credentials_leave_the_uri_for_the_environment_and_still_authenticate(monkeypatch):

@@ -1,6 +1,6 @@
 """Search, not a grid: an Optuna study over the structural techniques' amounts (and their options), each
 trial measured on the target before any fine-tune, short fine-tunes with successive halving for the
-candidates that can still matter, the full fine-tune only for the survivors (README "Search").
+candidates that can still matter, the full fine-tune only for the survivors (docs/search.md).
 
 - :mod:`edgeopt.search.space`: a trial's candidate and the rules it is judged by (no heavy import);
 - :mod:`edgeopt.search.probe`: the cheap stage (build, export, quantize, measure) and the short fine-tunes;

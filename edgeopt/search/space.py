@@ -1,7 +1,7 @@
 """What a trial is and how it is judged: the candidate a trial suggests (base, technique, amount, the
 options chosen), and the rules that stop it or score it. Plain logic: no optuna, torch or runtime import.
 
-Rules, in the order a trial meets them (README "Search"):
+Rules, in the order a trial meets them (docs/search.md):
 
 1. a **constraint breaker** (``max_latency_ms``, ``max_size_mb``) on every precision/format/runtime of its
    base is rejected before any fine-tune;

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import TYPE_CHECKING, Dict, Tuple
 from urllib.parse import unquote
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:
+    from edgeopt.config import RunConfig
 
 
 def client_for(uri: str) -> MlflowClient:
@@ -65,3 +68,22 @@ def split_credentials(uri: str) -> Tuple[str, Dict[str, str]]:
     user, _, password = userinfo.partition(":")
     env = {env_names[0]: unquote(user), **({env_names[1]: unquote(password)} if password else {})}
     return f"{scheme}{sep}{host}{slash}{path}", env
+
+
+def without_credentials(cfg: "RunConfig") -> Tuple["RunConfig", Dict[str, str]]:
+    """``cfg`` with the user-info of its tracking URI and its search storage moved to the environment
+    variables their clients read (see :func:`split_credentials`), and those variables: a pipeline's
+    parameters (kept in ZenML's store, shown in its dashboard) then hold no password. A storage whose
+    credentials would overwrite the tracking URI's different ones (two PostgreSQL users) keeps them."""
+    env: Dict[str, str] = {}
+    tracking, search = cfg.tracking, cfg.variants.search
+    if tracking.uri:
+        uri, env = split_credentials(tracking.uri)
+        tracking = tracking.model_copy(update={"uri": uri})
+    if search is not None and search.storage:
+        storage, more = split_credentials(search.storage)
+        if all(env.get(k, v) == v for k, v in more.items()):
+            env = {**env, **more}
+            search = search.model_copy(update={"storage": storage})
+    variants = cfg.variants.model_copy(update={"search": search})
+    return cfg.model_copy(update={"tracking": tracking, "variants": variants}), env

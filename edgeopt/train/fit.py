@@ -143,7 +143,7 @@ def _on(module: nn.Module, device: torch.device,
     weights; a module that has none (a brought ONNX teacher run by ONNX Runtime) is fed contiguous tensors
     on the CPU and its outputs moved."""
     if any(True for _ in module.parameters()):
-        module.to(device, memory_format=memory_format)
+        module.to(device).to(memory_format=memory_format)
         return module
     return lambda x: module(x.cpu().contiguous()).to(device)
 

@@ -21,7 +21,7 @@ from edgeopt.config import FROM_CHECKOUT, PROJECT_ROOT, RunConfig, state_dir
 from edgeopt.env import zenml_store_text
 from edgeopt.plan import variant_plan
 from edgeopt.select.report import variants_table
-from edgeopt.track.uri import split_credentials
+from edgeopt.track.uri import split_credentials, without_credentials
 from edgeopt_zenml.pipelines.compress import compress
 
 MAX_MESSAGE_CHARS = 400
@@ -156,10 +156,8 @@ def run_pipeline(cfg: RunConfig, *, enable_cache: bool = True, run_name: Optiona
     """
     use_checkout_as_source_root()
     cfg, tracking_note = stack_tracking(cfg)
-    if cfg.tracking.uri:  # credentials travel in the environment, not in the pipeline's parameters
-        uri, credentials = split_credentials(cfg.tracking.uri)
-        os.environ.update(credentials)
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": uri})})
+    cfg, credentials = without_credentials(cfg)  # in the environment, not in the pipeline's parameters
+    os.environ.update(credentials)
     name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     model = Model(name=cfg.registry.name, description="edgeopt: Pareto-best edge model", tags=["edgeopt"])
     p = compress.with_options(run_name=name, enable_cache=enable_cache, model=model, config_path=zenml_config)
