@@ -419,16 +419,23 @@ HELDOUT = {"disjoint": "from disjoint regions", "shared": "drawn from the same h
 
 def edge_variants(doc: Dict[str, object]) -> List[Tuple[str, str]]:
     """(label, variant) of the run's LiteRT and ExecuTorch variants, FP32 and INT8, of the brought model
-    and of its best pruned base (the fastest feasible variant's on the front, else the fastest feasible)."""
+    and of its best pruned base (the fastest feasible variant's, else, where none is feasible, the most
+    accurate variant's)."""
     rows = [r for r in doc["rows"] if not r.get("failure")]
     by_name = {r["variant"]: r for r in rows}
 
-    def base(variant: str) -> str:
-        return variant.split("@")[0].rsplit("-", 2)[0]  # <base>-<precision>-<format>@<runtime>
+    def base(row: Dict) -> str:  # teacher, or teacher-p20 for the teacher pruned 20 %
+        recipe = row.get("recipe") or {}
+        shrink = recipe.get("shrink", "none")
+        return recipe.get("base", "teacher") + ("" if shrink == "none" else f"-{shrink}")
 
-    pruned = [r for r in rows if base(r["variant"]) != "teacher" and r["status"] in ("front", "dominated")]
-    pruned.sort(key=lambda r: r["metrics"].get("latency_p50_ms", float("inf")))
-    bases = ["teacher"] + [base(pruned[0]["variant"])] if pruned else ["teacher"]
+    pruned = [r for r in rows if base(r) != "teacher"]
+    feasible = [r for r in pruned if r["status"] in ("front", "dominated")]
+    if feasible:
+        best = min(feasible, key=lambda r: r["metrics"].get("latency_p50_ms", float("inf")))
+    elif pruned:
+        best = max(pruned, key=lambda r: r["metrics"].get("accuracy", 0.0))
+    bases = ["teacher"] + ([base(best)] if pruned else [])
     out = []
     for b in bases:
         for fmt in EDGE_FORMATS:
@@ -447,9 +454,9 @@ def download_variant(doc: Dict[str, object], experiment: str, variant: str, dst:
     exp = client.get_experiment_by_name(experiment)
     run = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{variant}'",
                              order_by=["attributes.start_time DESC"], max_results=1)[0]
-    folder = Path(client.download_artifacts(run.info.run_id, "model", str(dst)))
-    manifest = json.loads((folder / "manifest.json").read_text())
-    return folder / manifest["model_file"]
+    from edgeopt.artifacts import ModelArtifact
+
+    return ModelArtifact(Path(client.download_artifacts(run.info.run_id, "model", str(dst)))).model_file
 
 
 def promoted_bundle(config: Path) -> Optional[Dict[str, object]]:
