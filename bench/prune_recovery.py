@@ -1,0 +1,91 @@
+"""How much of a fully fine-tuned brought model's accuracy channel pruning keeps, and what KD buys back
+(issue 19.8): the brought-model bench's EfficientNet-Lite1 (``brought_model.py --model lite1`` builds it),
+converted to torch as the pipeline converts it (BatchNorm added and calibrated), pruned with one
+importance, scored on the val split before any fine-tune and after BatchNorm recalibration on train
+images, then KD fine-tuned from the brought model with each recipe given (the config's teacher settings,
+a recipe's ``fit`` keys over them), printing each recipe's val curve and its test accuracy.
+
+    .venv/bin/python bench/prune_recovery.py --amount 0.2                                # ~3 min
+    .venv/bin/python bench/prune_recovery.py --amount 0.3 --importance taylor --global-pruning \\
+        --recipe '{"fit": {"steps": 300, "lr": 0.001}}' --recipe '{"fit": {"steps": 300, "lr": 0.0005}}'
+    .venv/bin/python bench/prune_recovery.py --amount 0.2 --no-fine-tune --importance fpgm  # seconds
+
+No goal: it tells which recovery recipe pays; the pipeline's goal is the brought-model bench's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+from _common import ROOT, argument_parser, fingerprint_line, load_line, quiet
+
+CONFIG = ROOT / "configs" / "brought-lite1.yaml"
+DEFAULT_RECIPE = '{"fit": {"steps": 100, "lr": 0.0005}}'  # the committed config's prune fine-tune
+
+
+def parse_args(argv=None):
+    p = argument_parser(__doc__)
+    p.add_argument("--amount", type=float, default=0.2, help="share of each layer's channels pruned (default 0.2)")
+    p.add_argument("--importance", default="l2", help="torch-pruning importance: l1, l2, taylor, bn_scale, fpgm, random")
+    p.add_argument("--global-pruning", action="store_true", help="rank channels across layers")
+    p.add_argument("--recipe", action="append", help=f"a KD recipe as JSON ({{'fit': {{...}}, 'kd': {{...}}}}); "
+                                                     f"repeatable; default {DEFAULT_RECIPE}")
+    p.add_argument("--no-fine-tune", action="store_true", help="only the accuracy right after pruning")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet()
+    from edgeopt.config import FitConfig, KDConfig
+    from edgeopt.data.sources import load_dataset
+    from edgeopt.measure.latency import cpu_fingerprint
+    from edgeopt.models.brought import torch_from_onnx
+    from edgeopt.models.zoo import add_batchnorm, calibrate_batchnorm
+    from edgeopt.plan import load_config
+    from edgeopt.shrink.prune import prune_channels, taylor_batches
+    from edgeopt.shrink.run import BN_CALIBRATION_BATCHES, calibration_batches
+    from edgeopt.train.fit import fit, recalibrate_bn, split_accuracy
+
+    print(fingerprint_line(cpu_fingerprint()))
+    print(load_line("at the start"))
+    cfg = load_config(CONFIG)
+    assert cfg.teacher.onnx is not None
+    if not Path(cfg.teacher.onnx).is_file():
+        print(f"{cfg.teacher.onnx}: not built yet; run bench/brought_model.py --model lite1 first")
+        return 2
+    ds = load_dataset(cfg.data, cfg.seed)
+    model = torch_from_onnx(Path(cfg.teacher.onnx), ds, "probabilities").model
+    teacher = copy.deepcopy(model).eval()
+    calibrate_batchnorm(model, add_batchnorm(model), calibration_batches(ds, BN_CALIBRATION_BATCHES))
+    print(f"brought model val {split_accuracy(teacher, ds, 'val'):.4f}; its conversion with BatchNorm "
+          f"{split_accuracy(model, ds, 'val'):.4f}")
+    gradients = taylor_batches(ds, cfg.seed) if args.importance == "taylor" else None
+    prune_channels(model, ds.input_shape, len(ds.classes), args.amount, args.importance, round_to=16,
+                   global_pruning=args.global_pruning, gradient_batches=gradients)
+    recalibrated = copy.deepcopy(model)
+    recalibrate_bn(recalibrated, ds.batches("train", 32, shuffle=True, seed=cfg.seed, limit=320))
+    print(f"pruned {args.amount:.0%} ({args.importance}{', global' if args.global_pruning else ''}): val "
+          f"{split_accuracy(model, ds, 'val'):.4f}, after BatchNorm recalibration {split_accuracy(recalibrated, ds, 'val'):.4f}")
+    if args.no_fine_tune:
+        return 0
+    own = {k: v for k, v in cfg.teacher.model_dump(exclude_unset=True).items() if k in FitConfig.model_fields}
+    for text in args.recipe or [DEFAULT_RECIPE]:
+        recipe = json.loads(text)
+        student = copy.deepcopy(model)
+        start = time.perf_counter()
+        hist = fit(student, ds, FitConfig.model_validate({**own, "eval_every": 50, **recipe.get("fit", {})}),
+                   teacher=teacher, kd=KDConfig.model_validate(recipe.get("kd", {})), teacher_output="probabilities",
+                   seed=cfg.seed)
+        print(f"{text}: val curve {[round(v, 3) for v in hist['val_acc']]} at steps {hist['step']}, best "
+              f"{hist['best_val_acc']:.4f}; test {split_accuracy(student, ds, 'test'):.4f}; "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+    print(load_line("at the end"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
