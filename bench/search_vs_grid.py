@@ -16,7 +16,7 @@ by a dense grid of prune amounts and once by edgeopt's search (variants.search),
 Hypervolume: of the feasible front in (accuracy drop, p50 / reference p50, size / reference size), all
 minimized, against the point (max accuracy drop, 1, 1): the reference model's latency and size.
 
-    .venv/bin/python bench/search_vs_grid.py --quick    # digits, the default teacher trained here (~25 min)
+    .venv/bin/python bench/search_vs_grid.py --quick    # digits, the default teacher trained here (~10 min)
     .venv/bin/python bench/search_vs_grid.py            # the brought-model bench model (bench/brought_model.py's
                                                         # assets, built if missing; ~1 hour on two cores)
 
