@@ -300,23 +300,21 @@ def finetune_full(model, x_train: np.ndarray, y_train: np.ndarray, num_classes: 
             f"({FULL_STEPS * FULL_BATCH / len(x_train):.1f} epochs), weight decay {FULL_WD}, flips and shifts")
 
 
-class WithSoftmax:
+def with_softmax(model):
     """The usual deployment wrapper: pooled features, flattened with the batch size as traced (a batch of 1
     baked into the Reshape), the classifier, a softmax."""
+    from torch import nn
 
-    def __new__(cls, model):
-        from torch import nn
+    class WithSoftmax(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
 
-        class Wrapped(nn.Module):
-            def __init__(self, net):
-                super().__init__()
-                self.net = net
+        def forward(self, x):
+            pooled = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+            return self.net.classifier(pooled.view(pooled.size(0), -1)).softmax(1)
 
-            def forward(self, x):
-                pooled = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
-                return self.net.classifier(pooled.view(pooled.size(0), -1)).softmax(1)
-
-        return Wrapped(model).eval()
+    return WithSoftmax(model).eval()
 
 
 def export_onnx(model, path: Path, b: Brought) -> None:
@@ -324,7 +322,7 @@ def export_onnx(model, path: Path, b: Brought) -> None:
     import torch
 
     with silenced():
-        torch.onnx.export(WithSoftmax(model) if b.softmax else model.eval(), torch.zeros(1, 3, b.size, b.size),
+        torch.onnx.export(with_softmax(model) if b.softmax else model.eval(), torch.zeros(1, 3, b.size, b.size),
                           str(path), input_names=[b.input_name], output_names=[b.output_name],
                           opset_version=b.opset, dynamo=False)
 
@@ -450,12 +448,12 @@ def download_variant(doc: Dict[str, object], experiment: str, variant: str, dst:
     """A variant's model file, from the MLflow run the pipeline logged for it (its ``model`` artifacts)."""
     from mlflow.tracking import MlflowClient
 
+    from edgeopt.artifacts import ModelArtifact
+
     client = MlflowClient(str(doc["tracking_uri"]))
     exp = client.get_experiment_by_name(experiment)
     run = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{variant}'",
                              order_by=["attributes.start_time DESC"], max_results=1)[0]
-    from edgeopt.artifacts import ModelArtifact
-
     return ModelArtifact(Path(client.download_artifacts(run.info.run_id, "model", str(dst)))).model_file
 
 

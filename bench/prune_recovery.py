@@ -2,8 +2,9 @@
 (issue 19.8): the brought-model bench's EfficientNet-Lite1 (``brought_model.py --model lite1`` builds it),
 converted to torch as the pipeline converts it (BatchNorm added and calibrated), pruned with one
 importance, scored on the val split before any fine-tune and after BatchNorm recalibration on train
-images, then KD fine-tuned from the brought model with each recipe given (the config's teacher settings,
-a recipe's ``fit`` keys over them), printing each recipe's val curve and its test accuracy.
+images, then KD fine-tuned from the brought model with each recipe given (the pipeline's fine-tune for the
+config: the teacher section's settings, the prune steps and lr; a recipe's ``fit`` and ``kd`` keys over
+them), printing each recipe's val curve and its test accuracy.
 
     .venv/bin/python bench/prune_recovery.py --amount 0.2                                # ~3 min
     .venv/bin/python bench/prune_recovery.py --amount 0.3 --importance taylor --global-pruning \\
@@ -23,7 +24,7 @@ from pathlib import Path
 from _common import ROOT, argument_parser, fingerprint_line, load_line, quiet
 
 CONFIG = ROOT / "configs" / "brought-lite1.yaml"
-DEFAULT_RECIPE = '{"fit": {"steps": 100, "lr": 0.0005}}'  # the committed config's prune fine-tune
+DEFAULT_RECIPE = "{}"  # the committed config's prune fine-tune
 
 
 def parse_args(argv=None):
@@ -32,7 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--importance", default="l2", help="torch-pruning importance: l1, l2, taylor, bn_scale, fpgm, random")
     p.add_argument("--global-pruning", action="store_true", help="rank channels across layers")
     p.add_argument("--recipe", action="append", help=f"a KD recipe as JSON ({{'fit': {{...}}, 'kd': {{...}}}}); "
-                                                     f"repeatable; default {DEFAULT_RECIPE}")
+                                                     f"repeatable; default {DEFAULT_RECIPE}: the config's own")
     p.add_argument("--no-fine-tune", action="store_true", help="only the accuracy right after pruning")
     return p.parse_args(argv)
 
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     from edgeopt.models.zoo import add_batchnorm, calibrate_batchnorm
     from edgeopt.plan import load_config
     from edgeopt.shrink.prune import prune_channels, taylor_batches
-    from edgeopt.shrink.run import BN_CALIBRATION_BATCHES, calibration_batches
+    from edgeopt.shrink.run import BN_CALIBRATION_BATCHES, calibration_batches, finetune_config
     from edgeopt.train.fit import fit, recalibrate_bn, split_accuracy
 
     print(fingerprint_line(cpu_fingerprint()))
@@ -64,7 +65,8 @@ def main(argv=None) -> int:
     print(f"brought model val {split_accuracy(teacher, ds, 'val'):.4f}; its conversion with BatchNorm "
           f"{split_accuracy(model, ds, 'val'):.4f}")
     gradients = taylor_batches(ds, cfg.seed) if args.importance == "taylor" else None
-    prune_channels(model, ds.input_shape, len(ds.classes), args.amount, args.importance, round_to=16,
+    prune = cfg.variants.shrink["prune"]
+    prune_channels(model, ds.input_shape, len(ds.classes), args.amount, args.importance, round_to=prune.round_to,
                    global_pruning=args.global_pruning, gradient_batches=gradients)
     recalibrated = copy.deepcopy(model)
     recalibrate_bn(recalibrated, ds.batches("train", 32, shuffle=True, seed=cfg.seed, limit=320))
@@ -72,14 +74,16 @@ def main(argv=None) -> int:
           f"{split_accuracy(model, ds, 'val'):.4f}, after BatchNorm recalibration {split_accuracy(recalibrated, ds, 'val'):.4f}")
     if args.no_fine_tune:
         return 0
-    own = {k: v for k, v in cfg.teacher.model_dump(exclude_unset=True).items() if k in FitConfig.model_fields}
+    # the pipeline's fine-tune settings (the teacher section's, the config's prune steps and lr), a recipe over them
+    train = cfg.teacher.model_dump(mode="json")
+    own = finetune_config(train, prune).model_dump()
     for text in args.recipe or [DEFAULT_RECIPE]:
         recipe = json.loads(text)
         student = copy.deepcopy(model)
         start = time.perf_counter()
-        hist = fit(student, ds, FitConfig.model_validate({**own, "eval_every": 50, **recipe.get("fit", {})}),
-                   teacher=teacher, kd=KDConfig.model_validate(recipe.get("kd", {})), teacher_output="probabilities",
-                   seed=cfg.seed)
+        hist = fit(student, ds, FitConfig.model_validate({**own, **recipe.get("fit", {})}), teacher=teacher,
+                   kd=KDConfig.model_validate({**(train.get("kd") or {}), **recipe.get("kd", {})}),
+                   teacher_output="probabilities", seed=cfg.seed)
         print(f"{text}: val curve {[round(v, 3) for v in hist['val_acc']]} at steps {hist['step']}, best "
               f"{hist['best_val_acc']:.4f}; test {split_accuracy(student, ds, 'test'):.4f}; "
               f"{time.perf_counter() - start:.0f} s", flush=True)
