@@ -1,6 +1,8 @@
 """Every structural technique on small data, each asserting its real effect on the model (precision
 recipes: tests/test_precisions.py)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from edgeopt.models.zoo import apply_lowrank_plan, count_macs_params, load_check
 from edgeopt.shrink.base import output_layers
 from edgeopt.shrink.lowrank import LowRankOptions, energy_rank, factorize_lowrank
 from edgeopt.shrink.prune import IMPORTANCES, Prune, PruneOptions, prune_channels
+from edgeopt.shrink.reconstruct import reconstruct, refittable
 from edgeopt.shrink.run import shrink_base
 from edgeopt.shrink.sparsity import SparsityOptions, sparsify
 from edgeopt.train.fit import accuracy
@@ -29,16 +32,18 @@ def conv_channels(model):
 @pytest.mark.parametrize("importance", [i for i in IMPORTANCES if i != "taylor"])
 def test_every_importance_halves_each_layer_locally_and_ranks_globally(student_ckpt, importance):
     torch.manual_seed(0)  # "random" importance draws from torch's generator
-    local = prune_channels(load_checkpoint(student_ckpt), SHAPE, CLASSES, 0.5, importance)
+    local = load_checkpoint(student_ckpt)
+    prune_channels(local, SHAPE, CLASSES, 0.5, importance)
     assert conv_channels(local) == [c // 2 for c in conv_channels(load_checkpoint(student_ckpt))]
     skewed = load_checkpoint(student_ckpt)
     with torch.no_grad():  # all but 2 of the first block's channels made negligible, whatever training left
         for kind in (nn.Conv2d, nn.BatchNorm2d):
             next(m for m in skewed.modules() if isinstance(m, kind)).weight[2:].mul_(0.001)
-    glob = prune_channels(skewed, SHAPE, CLASSES, 0.5, importance, global_pruning=True)
-    assert conv_channels(glob) != conv_channels(local)  # one ranking across layers: uneven widths
-    assert abs(sum(conv_channels(glob)) - sum(conv_channels(local))) <= 2
-    steps = prune_channels(load_checkpoint(student_ckpt), SHAPE, CLASSES, 0.5, importance, iterative_steps=3)
+    prune_channels(skewed, SHAPE, CLASSES, 0.5, importance, global_pruning=True)
+    assert conv_channels(skewed) != conv_channels(local)  # one ranking across layers: uneven widths
+    assert abs(sum(conv_channels(skewed)) - sum(conv_channels(local))) <= 2
+    steps = load_checkpoint(student_ckpt)
+    prune_channels(steps, SHAPE, CLASSES, 0.5, importance, iterative_steps=3)
     assert conv_channels(steps) == conv_channels(local)  # the ratio is reached over the steps
 
 
@@ -49,11 +54,42 @@ def test_round_to_keeps_whole_blocks_of_channels():
                              nn.Conv2d(40, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                              nn.Linear(8, CLASSES)).eval()
 
-    assert conv_channels(prune_channels(net(), SHAPE, CLASSES, 0.2, "l2")) == [19, 32, 6]
+    exact, rounded = net(), net()
+    prune_channels(exact, SHAPE, CLASSES, 0.2, "l2")
+    assert conv_channels(exact) == [19, 32, 6]
     # rounded down to a multiple of 8; the 8-channel layer would be emptied, so it stays whole
-    assert conv_channels(prune_channels(net(), SHAPE, CLASSES, 0.2, "l2", round_to=8)) == [16, 32, 8]
+    prune_channels(rounded, SHAPE, CLASSES, 0.2, "l2", round_to=8)
+    assert conv_channels(rounded) == [16, 32, 8]
     assert PruneOptions(amounts=[0.2]).round_to == 8
     assert "channels in multiples of 8" in Prune().recipe(0.2, PruneOptions(amounts=[0.2]))
+
+
+def test_least_squares_refit_brings_a_pruned_model_back_to_its_reference():
+    torch.manual_seed(0)
+    reference = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 48, 1), nn.BatchNorm2d(48),
+        nn.ReLU(), nn.Conv2d(48, 48, 3, padding=1, groups=48), nn.ReLU(), nn.Conv2d(48, 32, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).eval()
+    pruned = copy.deepcopy(reference)
+    for steps in (1, 3):  # the kept channels compose over iterative steps
+        pruned = copy.deepcopy(reference)
+        kept = prune_channels(pruned, (3, 16, 16), 5, 0.4, "l2", iterative_steps=steps)
+        assert {n: len(k) for n, k in kept.items() if n in ("0", "3", "8")} == {"0": 19, "3": 28, "8": 19}
+        stem = pruned.get_submodule("0")  # its inputs (the image) are whole: its rows are the reference's kept rows
+        assert torch.equal(stem.weight, reference.get_submodule("0").weight[kept["0"]])
+    calibration, held_out = torch.randn(128, 3, 16, 16), torch.randn(64, 3, 16, 16)
+    assert refittable(pruned) == ["3", "8", "12"]  # the 1x1 convolutions and the Linear layer
+
+    def error(model):
+        with torch.no_grad():
+            return float(((model(held_out) - reference(held_out)) ** 2).mean())
+
+    before = error(pruned)
+    too_few = copy.deepcopy(pruned)  # 2 images: 512 pixel rows for the convolutions, 2 rows for the Linear layer
+    assert reconstruct(too_few, reference, kept, calibration[:2])["layers"] == 2
+    summary = reconstruct(pruned, reference, kept, calibration)
+    assert summary["layers"] == summary["of"] == 3 and summary["error_after"] < summary["error_before"]
+    assert error(pruned) < 0.01 * before  # on images it was not refit on
 
 
 def test_taylor_pruning_uses_gradients_then_kd_finetune_recovers(digits, teacher_ckpt, student_ckpt):
@@ -61,16 +97,24 @@ def test_taylor_pruning_uses_gradients_then_kd_finetune_recovers(digits, teacher
         prune_channels(load_checkpoint(student_ckpt), SHAPE, CLASSES, 0.5, "taylor")
     # exact ratios: the tiny student's 8-channel layers would stay whole under the default round_to 8
     cfg = dict(importance="taylor", iterative_steps=2, lr=0.02, round_to=None)
-    raw = shrink_base(student_ckpt, teacher_ckpt, digits, "prune", 0.5, PruneOptions(amounts=[0.5], finetune_epochs=0, **cfg))
-    tuned = shrink_base(student_ckpt, teacher_ckpt, digits, "prune", 0.5, PruneOptions(amounts=[0.5], finetune_epochs=1, **cfg))
-    m = tuned.manifest
+
+    def pruned(epochs, reconstruct):
+        opts = PruneOptions(amounts=[0.5], finetune_epochs=epochs, reconstruct=reconstruct, **cfg)
+        return shrink_base(student_ckpt, teacher_ckpt, digits, "prune", 0.5, opts)
+
+    raw, tuned, refit_raw = pruned(0, False), pruned(1, False), pruned(0, True)
+    m = refit_raw.manifest
     assert m["tag"] == "p50" and m["shrink"] == {"technique": "prune", "amount": 0.5} and m["role"] == "pruned"
     assert m["base"] == "student" and "structured channel pruning 50%" in m["recipe_text"]
-    assert m["importance"] == "taylor" and m["iterative_steps"] == 2 and m["finetune_epochs"] == 1
+    assert m["importance"] == "taylor" and m["iterative_steps"] == 2 and "reconstruction" not in tuned.manifest
+    refit = m["reconstruction"]  # the classifier refit on train images right after pruning
+    assert refit["layers"] >= 1 and refit["error_after"] < refit["error_before"]
     assert m["macs"] < 0.5 * m["macs_before"] and m["params"] < 0.5 * m["params_before"]
     assert m["lineage"]["student"] == student_ckpt.content_hash[:12]
     x, y = digits.split("test")
-    assert accuracy(load_checkpoint(tuned), x, y) > accuracy(load_checkpoint(raw), x, y) + 0.05
+    pruned_acc = accuracy(load_checkpoint(raw), x, y)
+    assert accuracy(load_checkpoint(tuned), x, y) > pruned_acc + 0.05  # the KD fine-tune recovers
+    assert accuracy(load_checkpoint(refit_raw), x, y) > pruned_acc + 0.05  # and so does the refit, with no step
     with pytest.raises(ValueError, match="unknown technique 'distill'"):
         shrink_base(student_ckpt, teacher_ckpt, digits, "distill", 0.5, PruneOptions(amounts=[0.5]))
 

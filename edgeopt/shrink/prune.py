@@ -7,15 +7,17 @@ classifier's outputs are never pruned. :func:`prune_channels` is usable alone fr
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
-from typing import TYPE_CHECKING, List, Literal, Optional, Sequence, Tuple, get_args
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Sequence, Tuple, get_args
 
 from pydantic import Field
 
 from edgeopt.shrink.base import Applied, ShrinkContext, Technique, TechniqueOptions, output_layers
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import nn
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 Importance = Literal["l1", "l2", "taylor", "bn_scale", "fpgm", "random"]
 IMPORTANCES = get_args(Importance)  # torch-pruning's importances
 TAYLOR_BATCHES, TAYLOR_BATCH_SIZE = 4, 64  # train batches whose gradients score channels for ``taylor``
+RECONSTRUCTION_BATCHES = 2  # un-augmented train batches of 64: the images the layers are refit on after pruning
 
 
 class PruneOptions(TechniqueOptions):
@@ -41,6 +44,11 @@ class PruneOptions(TechniqueOptions):
                     "convolution kernels work on blocks of 8 (AVX2) or 16 (AVX-512) channels: on EfficientNet-Lite0, "
                     "10 % pruning without rounding ran 1.5x slower on ONNX Runtime than the unpruned model, with "
                     "round_to 16 1.3x faster. null: exact ratios.")
+    reconstruct: bool = Field(
+        True, description="Right after pruning, refit each 1x1 convolution and Linear layer by least squares so that "
+                          "it gives the unpruned model's outputs on 128 train images (edgeopt.shrink.reconstruct), "
+                          "before the KD fine-tune: on a fully fine-tuned EfficientNet-Lite1, 20 % pruning left 17 % "
+                          "val accuracy (chance), the refit 94 % in 39 s, as much as a 100-step KD fine-tune gave.")
 
 
 class Prune(Technique):
@@ -56,12 +64,21 @@ class Prune(Technique):
                 f"step(s){rounded})")
 
     def apply(self, model, amount: float, opts: PruneOptions, ctx: ShrinkContext) -> Applied:  # type: ignore[override]
-        prune_channels(model, ctx.input_shape, ctx.num_classes, amount, opts.importance,
-                       global_pruning=opts.global_pruning, iterative_steps=opts.iterative_steps,
-                       round_to=opts.round_to,
-                       gradient_batches=taylor_batches(ctx.dataset, ctx.seed) if opts.importance == "taylor" else None)
-        return {"prune_ratio": amount, "importance": opts.importance, "global_pruning": opts.global_pruning,
-                "iterative_steps": opts.iterative_steps, "round_to": opts.round_to}, None
+        import torch
+
+        from edgeopt.shrink.reconstruct import reconstruct
+
+        reference = copy.deepcopy(model) if opts.reconstruct else None
+        kept = prune_channels(model, ctx.input_shape, ctx.num_classes, amount, opts.importance,
+                              global_pruning=opts.global_pruning, iterative_steps=opts.iterative_steps,
+                              round_to=opts.round_to,
+                              gradient_batches=train_batches(ctx.dataset, ctx.seed) if opts.importance == "taylor" else None)
+        applied: Dict[str, Any] = {"prune_ratio": amount, "importance": opts.importance, "global_pruning": opts.global_pruning,
+                   "iterative_steps": opts.iterative_steps, "round_to": opts.round_to}
+        if reference is not None:
+            images = torch.cat([x for x, _ in train_batches(ctx.dataset, ctx.seed, RECONSTRUCTION_BATCHES)])
+            applied["reconstruction"] = reconstruct(model, reference, kept, images, seed=ctx.seed)
+        return applied, None
 
 
 def _importance(name: str):
@@ -91,8 +108,11 @@ def _accumulate_gradients(model: nn.Module, batches: Sequence[Tuple[torch.Tensor
 
 def prune_channels(model: nn.Module, input_shape, num_classes: int, ratio: float, importance: str = "l2", *,
                    global_pruning: bool = False, iterative_steps: int = 1, round_to: Optional[int] = None,
-                   gradient_batches: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None) -> nn.Module:
-    """Remove ``ratio`` of the channels of every prunable layer group, in place; returns the model.
+                   gradient_batches: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None
+                   ) -> Dict[str, np.ndarray]:
+    """Remove ``ratio`` of the channels of every prunable layer group, in place; returns, for each layer
+    that lost output channels, which of its original output channels it kept (module name -> indices;
+    what :func:`edgeopt.shrink.reconstruct.reconstruct` needs).
 
     ``importance`` is one of l1, l2, taylor, bn_scale, fpgm, random; ``taylor`` needs
     ``gradient_batches`` ((images, labels) tensors), scored again before each of the
@@ -108,7 +128,8 @@ def prune_channels(model: nn.Module, input_shape, num_classes: int, ratio: float
     if importance == "taylor" and not gradient_batches:
         raise ValueError("taylor importance needs gradient_batches: (images, labels) to score channels with")
     if ratio == 0:
-        return model
+        return {}
+    import numpy as np
     import torch
     import torch_pruning as tp
 
@@ -120,17 +141,29 @@ def prune_channels(model: nn.Module, input_shape, num_classes: int, ratio: float
         iterative_steps=iterative_steps, ignored_layers=output_layers(model, num_classes), round_to=round_to,
     )
     before = count_macs_params(model, input_shape)
+    names = {m: n for n, m in model.named_modules()}
+    kept: Dict[str, np.ndarray] = {}
     for _ in range(iterative_steps):
         if importance == "taylor":
             _accumulate_gradients(model, gradient_batches)
-        pruner.step()
+        for group in pruner.step(interactive=True):
+            removed: Dict[str, set] = {}
+            for dep, idxs in group:
+                layer = dep.target.module
+                if (isinstance(layer, torch.nn.Module) and layer in names and hasattr(layer, "weight")
+                        and pruner.DG.is_out_channel_pruning_fn(dep.handler)):
+                    removed.setdefault(names[layer], set()).update(int(i) for i in idxs)
+            for name, gone in removed.items():
+                now = kept.get(name, np.arange(model.get_submodule(name).weight.shape[0]))
+                kept[name] = np.delete(now, sorted(gone))
+            group.prune()
     model.zero_grad(set_to_none=True)
     after = count_macs_params(model, input_shape)
     log.info(
         "prune: ratio=%.2f importance=%s global=%s steps=%d MACs %s->%s params %s->%s", ratio, importance,
         global_pruning, iterative_steps, _si(before[0]), _si(after[0]), _si(before[1]), _si(after[1]),
     )
-    return model
+    return kept
 
 
 def _si(n: float) -> str:
@@ -140,11 +173,12 @@ def _si(n: float) -> str:
     return str(int(n))
 
 
-def taylor_batches(dataset: Dataset, seed: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """A few shuffled train batches whose gradients score channels for ``taylor`` importance."""
+def train_batches(dataset: Dataset, seed: int, count: int = TAYLOR_BATCHES) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``count`` shuffled, un-augmented train batches of 64 (images, labels): what scores channels
+    for ``taylor`` importance and what the layers are refit on after pruning."""
     import numpy as np
     import torch
 
     batches = dataset.batches("train", TAYLOR_BATCH_SIZE, shuffle=True, seed=seed)
     return [(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y)))
-            for x, y in itertools.islice(batches, TAYLOR_BATCHES)]
+            for x, y in itertools.islice(batches, count)]

@@ -127,7 +127,7 @@ def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, tech
         hist = fit(model, dataset, finetune_config(train, opts), teacher=load_checkpoint(kd_teacher),
                    kd=KDConfig.model_validate(train.get("kd") or {}),
                    teacher_output=kd_teacher.manifest.get("output", "logits"), seed=seed,
-                   desc=f"{base_name} {tag} KD fine-tune", eval_at=eval_at, on_eval=on_eval)
+                   desc=f"{base_name} {tag} KD fine-tune", eval_at=eval_at, on_eval=on_eval, start_counts=True)
         val_acc = hist["best_val_acc"]
     if after is not None:
         applied.update(after())

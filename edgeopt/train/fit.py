@@ -240,7 +240,7 @@ def train_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[Tupl
 def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional[nn.Module] = None,
         kd: KDConfig = KDConfig(), teacher_output: Literal["logits", "probabilities"] = "logits", seed: int = 0,
         desc: str = "train", eval_at: Collection[int] = (),
-        on_eval: Optional[Callable[[int, float], bool]] = None) -> Dict:
+        on_eval: Optional[Callable[[int, float], bool]] = None, start_counts: bool = False) -> Dict:
     """Train ``model`` in place (by KD from ``teacher`` when given) and leave it in eval mode with the
     weights best on the val split (their BatchNorm statistics recalibrated unless
     ``cfg.bn_recalibration_batches`` is 0).
@@ -259,8 +259,12 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
     shortened): a search's successive halving runs one fine-tune to its longest rung and stops it at an
     earlier one, so that a rung continues the last one instead of starting over.
 
+    ``start_counts``: the weights as given are evaluated first (step 0) and kept if no step beats them
+    (a fine-tune of a model that is already good, e.g. pruned and refit, must not leave it worse).
+
     Returns the history: per evaluation the step, the mean train loss since the last one and the val
-    accuracy (the curve); the best val accuracy and its step; whether early stop ended the run;
+    accuracy (the curve); with ``start_counts`` the start's val accuracy; the best val accuracy and its
+    step (0: the start); whether early stop ended the run;
     what stopped it (``stopped_by``: None, ``patience`` or ``on_eval``); the chance level and whether the
     model learned (``chance_level``); the augmentation used; the device.
     """
@@ -293,6 +297,9 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
     best_state: Dict[str, torch.Tensor] = {}  # set at the first evaluation: the last step always evaluates
     loss_sum, loss_n = 0.0, 0
     start = time.perf_counter()
+    if start_counts:
+        best_acc = history["start_val_acc"] = split_accuracy(model, dataset, "val", cfg.batch_size)
+        best_state = copy.deepcopy(model.state_dict())
     model.train()
     bar = tqdm(total=steps, desc=desc, unit="step", mininterval=1.0)
     for step, (raw, labels) in enumerate(train_batches(dataset, cfg.batch_size, seed), start=1):
