@@ -77,7 +77,7 @@ def test_least_squares_refit_brings_a_pruned_model_back_to_its_reference():
         assert {n: len(k) for n, k in kept.items() if n in ("0", "3", "8")} == {"0": 19, "3": 28, "8": 19}
         stem = pruned.get_submodule("0")  # its inputs (the image) are whole: its rows are the reference's kept rows
         assert torch.equal(stem.weight, reference.get_submodule("0").weight[kept["0"]])
-    calibration, held_out = torch.randn(128, 3, 16, 16), torch.randn(64, 3, 16, 16)
+    calibration, held_out = torch.randn(256, 3, 16, 16), torch.randn(64, 3, 16, 16)
     assert refittable(pruned) == ["3", "8", "12"]  # the 1x1 convolutions and the Linear layer
 
     def error(model):
@@ -85,7 +85,7 @@ def test_least_squares_refit_brings_a_pruned_model_back_to_its_reference():
             return float(((model(held_out) - reference(held_out)) ** 2).mean())
 
     before = error(pruned)
-    too_few = copy.deepcopy(pruned)  # 2 images: 512 pixel rows for the convolutions, 2 rows for the Linear layer
+    too_few = copy.deepcopy(pruned)  # 2 images: 512 pixel rows for each convolution, 2 rows for the Linear layer
     assert reconstruct(too_few, reference, kept, calibration[:2])["layers"] == 2
     summary = reconstruct(pruned, reference, kept, calibration)
     assert summary["layers"] == summary["of"] == 3 and summary["error_after"] < summary["error_before"]
