@@ -107,6 +107,7 @@ def test_taylor_pruning_uses_gradients_then_kd_finetune_recovers(digits, teacher
     assert m["tag"] == "p50" and m["shrink"] == {"technique": "prune", "amount": 0.5} and m["role"] == "pruned"
     assert m["base"] == "student" and "structured channel pruning 50%" in m["recipe_text"]
     assert m["importance"] == "taylor" and m["iterative_steps"] == 2 and "reconstruction" not in tuned.manifest
+    assert PruneOptions(amounts=[0.5]).reconstruct is False
     refit = m["reconstruction"]  # the classifier refit on train images right after pruning
     assert refit["layers"] >= 1 and refit["error_after"] < refit["error_before"]
     assert m["macs"] < 0.5 * m["macs_before"] and m["params"] < 0.5 * m["params_before"]
