@@ -3,10 +3,10 @@
 converted to torch as the pipeline converts it (BatchNorm added and calibrated), pruned with one
 importance, scored on the val split before any fine-tune, after BatchNorm recalibration on train images
 and after the pipeline's least-squares refit of its 1x1 and Linear layers (edgeopt.shrink.reconstruct),
-then KD fine-tuned from the brought model with each recipe given (from the refit model; from the
-recalibrated one with ``--no-reconstruct``) (the pipeline's fine-tune for the
-config: the teacher section's settings, the prune steps and lr; a recipe's ``fit`` and ``kd`` keys over
-them), printing each recipe's val curve and its test accuracy.
+then KD fine-tuned from the brought model with each recipe given, from the refit model (from the plain
+pruned one with ``--no-reconstruct``), with the pipeline's fine-tune for the config (the teacher section's
+settings, the prune steps and lr; a recipe's ``fit`` and ``kd`` keys over them), printing each recipe's val
+curve and its test accuracy.
 
     .venv/bin/python bench/prune_recovery.py --amount 0.2                                # ~3 min
     .venv/bin/python bench/prune_recovery.py --amount 0.3 --importance taylor --global-pruning \\
@@ -38,7 +38,7 @@ def parse_args(argv=None):
                                                      f"repeatable; default {DEFAULT_RECIPE}: the config's own")
     p.add_argument("--no-fine-tune", action="store_true", help="only the accuracy right after pruning")
     p.add_argument("--no-reconstruct", action="store_true",
-                   help="fine-tune the pruned model as pruned (BatchNorm recalibrated), not after the least-squares refit "
+                   help="fine-tune the pruned model as pruned, not after the least-squares refit "
                         "the pipeline does (prune reconstruct: true)")
     return p.parse_args(argv)
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from edgeopt.models.brought import torch_from_onnx
     from edgeopt.models.zoo import add_batchnorm, calibrate_batchnorm
     from edgeopt.plan import load_config
-    from edgeopt.shrink.prune import RECONSTRUCTION_BATCHES, prune_channels, train_batches
+    from edgeopt.shrink.prune import RECONSTRUCTION_BATCHES, prune_channels, shuffled_train_batches
     from edgeopt.shrink.reconstruct import reconstruct
     from edgeopt.shrink.run import BN_CALIBRATION_BATCHES, calibration_batches, finetune_config
     from edgeopt.train.fit import fit, recalibrate_bn, split_accuracy
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     calibrate_batchnorm(model, add_batchnorm(model), calibration_batches(ds, BN_CALIBRATION_BATCHES))
     print(f"brought model val {split_accuracy(teacher, ds, 'val'):.4f}; its conversion with BatchNorm "
           f"{split_accuracy(model, ds, 'val'):.4f}")
-    gradients = train_batches(ds, cfg.seed) if args.importance == "taylor" else None
+    gradients = shuffled_train_batches(ds, cfg.seed) if args.importance == "taylor" else None
     prune = cfg.variants.shrink["prune"]
     reference = copy.deepcopy(model)
     kept = prune_channels(model, ds.input_shape, len(ds.classes), args.amount, args.importance, round_to=prune.round_to,
@@ -80,15 +80,16 @@ def main(argv=None) -> int:
     recalibrated = copy.deepcopy(model)
     recalibrate_bn(recalibrated, ds.batches("train", 32, shuffle=True, seed=cfg.seed, limit=320))
     pruned_acc = split_accuracy(model, ds, "val")
+    plain = copy.deepcopy(model)
     start = time.perf_counter()
-    refit = reconstruct(model, reference, kept, torch.cat([x for x, _ in train_batches(ds, cfg.seed, RECONSTRUCTION_BATCHES)]),
+    refit = reconstruct(model, reference, kept, torch.cat([x for x, _ in shuffled_train_batches(ds, cfg.seed, RECONSTRUCTION_BATCHES)]),
                         seed=cfg.seed)
     print(f"pruned {args.amount:.0%} ({args.importance}{', global' if args.global_pruning else ''}): val "
           f"{pruned_acc:.4f}, after BatchNorm recalibration {split_accuracy(recalibrated, ds, 'val'):.4f}, after the "
           f"least-squares refit {split_accuracy(model, ds, 'val'):.4f} ({refit['layers']} layers, output error "
           f"{refit['error_before']:.3f} -> {refit['error_after']:.3f}, {time.perf_counter() - start:.0f} s)")
     if args.no_reconstruct:
-        model = recalibrated
+        model = plain
     if args.no_fine_tune:
         return 0
     # the pipeline's fine-tune settings (the teacher section's, the config's prune steps and lr), a recipe over them

@@ -70,7 +70,6 @@ def test_least_squares_refit_brings_a_pruned_model_back_to_its_reference():
         nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 48, 1), nn.BatchNorm2d(48),
         nn.ReLU(), nn.Conv2d(48, 48, 3, padding=1, groups=48), nn.ReLU(), nn.Conv2d(48, 32, 1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).eval()
-    pruned = copy.deepcopy(reference)
     for steps in (1, 3):  # the kept channels compose over iterative steps
         pruned = copy.deepcopy(reference)
         kept = prune_channels(pruned, (3, 16, 16), 5, 0.4, "l2", iterative_steps=steps)
@@ -107,6 +106,7 @@ def test_taylor_pruning_uses_gradients_then_kd_finetune_recovers(digits, teacher
     assert m["tag"] == "p50" and m["shrink"] == {"technique": "prune", "amount": 0.5} and m["role"] == "pruned"
     assert m["base"] == "student" and "structured channel pruning 50%" in m["recipe_text"]
     assert m["importance"] == "taylor" and m["iterative_steps"] == 2 and "reconstruction" not in tuned.manifest
+    assert tuned.manifest["finetune_epochs"] == 1
     assert PruneOptions(amounts=[0.5]).reconstruct is False
     refit = m["reconstruction"]  # the classifier refit on train images right after pruning
     assert refit["layers"] >= 1 and refit["error_after"] < refit["error_before"]

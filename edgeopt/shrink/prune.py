@@ -74,11 +74,11 @@ class Prune(Technique):
         kept = prune_channels(model, ctx.input_shape, ctx.num_classes, amount, opts.importance,
                               global_pruning=opts.global_pruning, iterative_steps=opts.iterative_steps,
                               round_to=opts.round_to,
-                              gradient_batches=train_batches(ctx.dataset, ctx.seed) if opts.importance == "taylor" else None)
+                              gradient_batches=shuffled_train_batches(ctx.dataset, ctx.seed) if opts.importance == "taylor" else None)
         applied: Dict[str, Any] = {"prune_ratio": amount, "importance": opts.importance, "global_pruning": opts.global_pruning,
                    "iterative_steps": opts.iterative_steps, "round_to": opts.round_to}
         if reference is not None:
-            images = torch.cat([x for x, _ in train_batches(ctx.dataset, ctx.seed, RECONSTRUCTION_BATCHES)])
+            images = torch.cat([x for x, _ in shuffled_train_batches(ctx.dataset, ctx.seed, RECONSTRUCTION_BATCHES)])
             applied["reconstruction"] = reconstruct(model, reference, kept, images, seed=ctx.seed)
         return applied, None
 
@@ -175,7 +175,7 @@ def _si(n: float) -> str:
     return str(int(n))
 
 
-def train_batches(dataset: Dataset, seed: int, count: int = TAYLOR_BATCHES) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def shuffled_train_batches(dataset: Dataset, seed: int, count: int = TAYLOR_BATCHES) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """The first ``count`` shuffled, un-augmented train batches of 64 (images, labels): what scores channels
     for ``taylor`` importance and what the layers are refit on after pruning."""
     import numpy as np
