@@ -34,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--amount", type=float, default=0.2, help="share of each layer's channels pruned (default 0.2)")
     p.add_argument("--importance", default="l2", help="torch-pruning importance: l1, l2, taylor, bn_scale, fpgm, random")
     p.add_argument("--global-pruning", action="store_true", help="rank channels across layers")
+    p.add_argument("--keep-residual", action="store_true",
+                   help="prune only the channels one layer owns, not the residual streams (prune keep_residual: true)")
     p.add_argument("--recipe", action="append", help=f"a KD recipe as JSON ({{'fit': {{...}}, 'kd': {{...}}}}); "
                                                      f"repeatable; default {DEFAULT_RECIPE}: the config's own")
     p.add_argument("--no-fine-tune", action="store_true", help="only the accuracy right after pruning")
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
     from edgeopt.data.sources import load_dataset
     from edgeopt.measure.latency import cpu_fingerprint
     from edgeopt.models.brought import torch_from_onnx
-    from edgeopt.models.zoo import add_batchnorm, calibrate_batchnorm
+    from edgeopt.models.zoo import add_batchnorm, calibrate_batchnorm, count_macs_params
     from edgeopt.plan import load_config
     from edgeopt.shrink.prune import RECONSTRUCTION_BATCHES, prune_channels, shuffled_train_batches
     from edgeopt.shrink.reconstruct import reconstruct
@@ -75,8 +77,10 @@ def main(argv=None) -> int:
     gradients = shuffled_train_batches(ds, cfg.seed) if args.importance == "taylor" else None
     prune = cfg.variants.shrink["prune"]
     reference = copy.deepcopy(model)
+    macs = count_macs_params(model, ds.input_shape)[0]
     kept = prune_channels(model, ds.input_shape, len(ds.classes), args.amount, args.importance, round_to=prune.round_to,
-                          global_pruning=args.global_pruning, gradient_batches=gradients)
+                          global_pruning=args.global_pruning, gradient_batches=gradients,
+                          keep_residual=args.keep_residual)
     recalibrated = copy.deepcopy(model)
     recalibrate_bn(recalibrated, ds.batches("train", 32, shuffle=True, seed=cfg.seed, limit=320))
     pruned_acc = split_accuracy(model, ds, "val")
@@ -84,7 +88,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     refit = reconstruct(model, reference, kept, torch.cat([x for x, _ in shuffled_train_batches(ds, cfg.seed, RECONSTRUCTION_BATCHES)]),
                         seed=cfg.seed)
-    print(f"pruned {args.amount:.0%} ({args.importance}{', global' if args.global_pruning else ''}): val "
+    print(f"pruned {args.amount:.0%} ({args.importance}{', global' if args.global_pruning else ''}"
+          f"{', residual streams kept' if args.keep_residual else ''}; MACs {macs / 1e6:.0f}M -> "
+          f"{count_macs_params(model, ds.input_shape)[0] / 1e6:.0f}M): val "
           f"{pruned_acc:.4f}, after BatchNorm recalibration {split_accuracy(recalibrated, ds, 'val'):.4f}, after the "
           f"least-squares refit {split_accuracy(model, ds, 'val'):.4f} ({refit['layers']} layers, output error "
           f"{refit['error_before']:.3f} -> {refit['error_after']:.3f}, {time.perf_counter() - start:.0f} s)")

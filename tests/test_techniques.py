@@ -64,6 +64,45 @@ def test_round_to_keeps_whole_blocks_of_channels():
     assert "channels in multiples of 8" in Prune().recipe(0.2, PruneOptions(amounts=[0.2]))
 
 
+class InvertedResiduals(nn.Module):
+    """A stem writing a 16-channel residual stream and two inverted-residual blocks adding to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(
+            nn.Conv2d(16, 64, 1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1, groups=64), nn.ReLU(),
+            nn.Conv2d(64, 16, 1)) for _ in range(2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_keep_residual_prunes_only_the_channels_one_layer_owns():
+    torch.manual_seed(0)
+    reference = InvertedResiduals().eval()
+    streams = ["stem", "blocks.0.4", "blocks.1.4"]
+    uniform = copy.deepcopy(reference)
+    kept = prune_channels(uniform, (3, 16, 16), 5, 0.5, "l2")
+    assert {n: len(kept[n]) for n in streams} == {n: 8 for n in streams}  # the stream loses half everywhere
+    hidden = copy.deepcopy(reference)
+    kept = prune_channels(hidden, (3, 16, 16), 5, 0.5, "l2", keep_residual=True)
+    assert sorted(kept) == ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"]  # expand + depthwise only
+    assert conv_channels(hidden) == [16, 32, 32, 16, 32, 32, 16]
+    assert "residual streams kept whole" in Prune().recipe(0.5, PruneOptions(amounts=[0.5], keep_residual=True))
+    # every block still writes all 16 stream channels, so the refit matches the reference's whole output
+    images, held_out = torch.randn(256, 3, 16, 16), torch.randn(32, 3, 16, 16)
+    with torch.no_grad():
+        before = float(((hidden(held_out) - reference(held_out)) ** 2).mean())
+    assert reconstruct(hidden, reference, kept, images)["layers"] == 4  # the expansions and the projections
+    with torch.no_grad():
+        assert float(((hidden(held_out) - reference(held_out)) ** 2).mean()) < 0.05 * before
+
+
 def test_least_squares_refit_brings_a_pruned_model_back_to_its_reference():
     torch.manual_seed(0)
     reference = nn.Sequential(

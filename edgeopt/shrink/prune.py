@@ -44,6 +44,12 @@ class PruneOptions(TechniqueOptions):
                     "convolution kernels work on blocks of 8 (AVX2) or 16 (AVX-512) channels: on EfficientNet-Lite0, "
                     "10 % pruning without rounding ran 1.5x slower on ONNX Runtime than the unpruned model, with "
                     "round_to 16 1.3x faster. null: exact ratios.")
+    keep_residual: bool = Field(
+        False, description="Prune only the channels one layer owns (the hidden channels of residual and inverted-"
+                            "residual blocks) and keep whole the channels that several layers write together (a "
+                            "residual stream, tied by its adds). The block outputs then keep every channel, and "
+                            "with reconstruct the 1x1 convolution ending each block is refit to the unpruned "
+                            "model's full output.")
     reconstruct: bool = Field(
         False, description="Right after pruning, refit each 1x1 convolution and Linear layer by least squares so that "
                            "it gives the unpruned model's outputs on 128 train images (edgeopt.shrink.reconstruct), "
@@ -62,8 +68,9 @@ class Prune(Technique):
     def recipe(self, amount: float, opts: PruneOptions) -> str:  # type: ignore[override]
         scope = "global" if opts.global_pruning else "per layer"
         rounded = f", channels in multiples of {opts.round_to}" if opts.round_to and opts.round_to > 1 else ""
+        residual = ", residual streams kept whole" if opts.keep_residual else ""
         return (f"structured channel pruning {amount:.0%} ({opts.importance}, {scope}, {opts.iterative_steps} "
-                f"step(s){rounded})")
+                f"step(s){rounded}{residual})")
 
     def apply(self, model, amount: float, opts: PruneOptions, ctx: ShrinkContext) -> Applied:  # type: ignore[override]
         import torch
@@ -73,10 +80,11 @@ class Prune(Technique):
         reference = copy.deepcopy(model) if opts.reconstruct else None
         kept = prune_channels(model, ctx.input_shape, ctx.num_classes, amount, opts.importance,
                               global_pruning=opts.global_pruning, iterative_steps=opts.iterative_steps,
-                              round_to=opts.round_to,
+                              round_to=opts.round_to, keep_residual=opts.keep_residual,
                               gradient_batches=shuffled_train_batches(ctx.dataset, ctx.seed) if opts.importance == "taylor" else None)
         applied: Dict[str, Any] = {"prune_ratio": amount, "importance": opts.importance, "global_pruning": opts.global_pruning,
-                   "iterative_steps": opts.iterative_steps, "round_to": opts.round_to}
+                   "iterative_steps": opts.iterative_steps, "round_to": opts.round_to,
+                   "keep_residual": opts.keep_residual}
         if reference is not None:
             images = torch.cat([x for x, _ in shuffled_train_batches(ctx.dataset, ctx.seed, RECONSTRUCTION_BATCHES)])
             applied["reconstruction"] = reconstruct(model, reference, kept, images, seed=ctx.seed)
@@ -110,8 +118,8 @@ def _accumulate_gradients(model: nn.Module, batches: Sequence[Tuple[torch.Tensor
 
 def prune_channels(model: nn.Module, input_shape, num_classes: int, ratio: float, importance: str = "l2", *,
                    global_pruning: bool = False, iterative_steps: int = 1, round_to: Optional[int] = None,
-                   gradient_batches: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None
-                   ) -> Dict[str, np.ndarray]:
+                   gradient_batches: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None,
+                   keep_residual: bool = False) -> Dict[str, np.ndarray]:
     """Remove ``ratio`` of the channels of every prunable layer group, in place; returns, for each layer
     that lost output channels, which of its original output channels it kept (module name -> indices;
     what :func:`edgeopt.shrink.reconstruct.reconstruct` needs).
@@ -120,7 +128,9 @@ def prune_channels(model: nn.Module, input_shape, num_classes: int, ratio: float
     ``gradient_batches`` ((images, labels) tensors), scored again before each of the
     ``iterative_steps`` steps. ``global_pruning`` ranks channels across all layers. ``round_to``
     keeps a multiple of that many channels in each pruned layer (torch-pruning rounds the count left
-    down, and leaves a layer whole rather than empty).
+    down, and leaves a layer whole rather than empty). ``keep_residual`` leaves whole every channel
+    group that several convolutions or Linear layers write together (:func:`shared_group`: the
+    channels of a residual stream, tied by its adds) and prunes only the channels one layer owns.
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"prune ratio must be in [0, 1), got {ratio}")
@@ -149,6 +159,8 @@ def prune_channels(model: nn.Module, input_shape, num_classes: int, ratio: float
         if importance == "taylor":
             _accumulate_gradients(model, gradient_batches)
         for group in pruner.step(interactive=True):
+            if keep_residual and shared_group(group, pruner.DG):
+                continue
             removed: Dict[str, set] = {}
             for dep, idxs in group:
                 layer = dep.target.module
@@ -166,6 +178,17 @@ def prune_channels(model: nn.Module, input_shape, num_classes: int, ratio: float
         global_pruning, iterative_steps, _si(before[0]), _si(after[0]), _si(before[1]), _si(after[1]),
     )
     return kept
+
+
+def shared_group(group, graph) -> bool:
+    """Whether a torch-pruning group removes the same output channels from several non-depthwise
+    convolutions or Linear layers: channels that an elementwise op (a residual add) ties together."""
+    import torch
+
+    writers = {id(dep.target.module) for dep, _ in group
+               if isinstance(dep.target.module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+               and getattr(dep.target.module, "groups", 1) == 1 and graph.is_out_channel_pruning_fn(dep.handler)}
+    return len(writers) > 1
 
 
 def _si(n: float) -> str:
