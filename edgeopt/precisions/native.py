@@ -8,7 +8,9 @@ which is not ``fp16`` (FP16 weight compression, computed in f32). ``int8-bf16`` 
 NNCF IR with the layers it leaves in float (the first by default, and the ops between quantized
 ones) computed in bf16.
 
-Each writes an IR with FP32 weights (int8-bf16: the int8 recipe's INT8 weights) that carries the
+bf16 and fp16-native write an IR with FP16 weights (OpenVINO's weight compression: half the file; the
+CPU computes in bf16 or f16 anyway, so the weights lose nothing the computation keeps: bf16 has fewer
+mantissa bits than FP16), int8-bf16 one with the int8 recipe's INT8 weights; each carries the
 precision it is to be compiled with in its rt_info (``runtime_options/INFERENCE_PRECISION_HINT``):
 edgeopt's OpenVINO predictor compiles it with that hint wherever it runs (evaluate, the edge agent, the
 server) and records the precision OpenVINO really used. ``validate`` refuses each on a CPU without
@@ -29,9 +31,10 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 FP16_FLAGS = ("avx512_fp16", "amx_fp16")
 
 
-def hinted(precision: str, build: Apply | None = None) -> Apply:
+def hinted(precision: str, build: Apply | None = None, fp16_weights: bool = False) -> Apply:
     """An OpenVINO implementation that writes the IR with ``precision`` (bf16, f16) as its inference
-    hint: the IR ``build`` makes of the source (in a temporary folder), or without ``build`` the source."""
+    hint: the IR ``build`` makes of the source (in a temporary folder), or without ``build`` the source;
+    its float weights in FP16 where ``fp16_weights``."""
 
     def apply(src: Path, dst: Path, options: Any, inputs: Inputs) -> Dict[str, Any]:
         from edgeopt.runtimes.openvino import save_with_precision
@@ -42,34 +45,34 @@ def hinted(precision: str, build: Apply | None = None) -> Apply:
                 built = Path(tmp) / src.name
                 facts = build(src, built, options, inputs)
                 src = built
-            save_with_precision(src, dst, precision)
+            save_with_precision(src, dst, precision, fp16_weights)
         return facts
 
     return apply
 
 
 class _FloatOnCPU(Precision):
-    """FP32 weights, computed in ``hint`` (no name: a base, not a recipe)."""
+    """FP16 weights, computed in ``hint`` (no name: a base, not a recipe)."""
 
     hint: ClassVar[str]
 
     def recipe(self, fmt: str, options: Any, n_calibration: int) -> Tuple[Dict[str, Any], str]:
-        return ({"weights": "fp32", "inference_precision": self.hint},
-                f"OpenVINO {self.hint} inference, FP32 weights (a CPU with {' or '.join(self.cpu_flags)})")
+        return ({"weights": "fp16", "inference_precision": self.hint},
+                f"OpenVINO {self.hint} inference, FP16 weights (a CPU with {' or '.join(self.cpu_flags)})")
 
 
 class BF16(_FloatOnCPU):
     name = "bf16"
     hint = "bf16"
     cpu_flags = BF16_FLAGS
-    implementations = {"openvino": hinted("bf16")}
+    implementations = {"openvino": hinted("bf16", fp16_weights=True)}
 
 
 class FP16Native(_FloatOnCPU):
     name = "fp16-native"
     hint = "f16"
     cpu_flags = FP16_FLAGS
-    implementations = {"openvino": hinted("f16")}
+    implementations = {"openvino": hinted("f16", fp16_weights=True)}
 
 
 class Int8BF16(int8.Int8):

@@ -34,12 +34,13 @@ def file_precision(model: ov.Model) -> str | None:
     return model.get_rt_info(HINT_RT_INFO).astype(str) if model.has_rt_info(HINT_RT_INFO) else None
 
 
-def save_with_precision(src: Path, dst: Path, precision: str) -> None:
+def save_with_precision(src: Path, dst: Path, precision: str, fp16_weights: bool = False) -> None:
     """The IR (or any file OpenVINO reads) at ``src`` written as an IR at ``dst`` that carries
-    ``precision`` (f32, bf16, f16) as its inference precision hint; its weights as they are."""
+    ``precision`` (f32, bf16, f16) as its inference precision hint; its float weights stored in FP16
+    where ``fp16_weights`` (OpenVINO's weight compression), else as they are."""
     model = ov_core().read_model(str(src))
     model.set_rt_info(precision, HINT_RT_INFO)
-    ov.save_model(model, str(dst), compress_to_fp16=False)
+    ov.save_model(model, str(dst), compress_to_fp16=fp16_weights)
 
 
 class OpenVINOPredictor(Predictor):
