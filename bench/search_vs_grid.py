@@ -18,7 +18,8 @@ minimized, against the point (max accuracy drop, 1, 1): the reference model's la
 
     .venv/bin/python bench/search_vs_grid.py --quick    # digits, the default teacher trained here (~10 min)
     .venv/bin/python bench/search_vs_grid.py            # the brought-model bench model (bench/brought_model.py's
-                                                        # assets, built if missing; ~1 hour on two cores)
+                                                        # Lite0 assets, built if missing; ~1 hour on two cores;
+                                                        # --model lite1 for the fully fine-tuned one)
 
 Goal: the search's best feasible variant within 5 % of the grid's best p50 at no larger accuracy drop; its
 front's hypervolume >= 95 % of the grid's; in <= 40 % of the grid's wall time.
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from _common import ROOT, argument_parser, fingerprint_line, load_line, run_isolated, verdict
+from _common import argument_parser, fingerprint_line, load_line, run_isolated, verdict
 
 GOAL = {"p50": 1.05, "hypervolume": 0.95, "wall": 0.40}
 GRID_STEP, SEARCH_STEP = 0.1, 0.05
@@ -49,6 +50,8 @@ QUICK = {  # the default config's teacher on digits, pruned and fine-tuned as lo
 def parse_args(argv=None):
     p = argument_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="digits and the default config's teacher instead of the brought-model bench model")
+    p.add_argument("--model", choices=("lite0", "lite1"), default="lite0",
+                   help="the brought-model bench model (bench/brought_model.py; default lite0, the faster one)")
     p.add_argument("--trials", type=int, default=8, help="the search's trial budget (default 8)")
     p.add_argument("--survivors", type=int, default=2, help="the search's survivors (full fine-tunes, default 2)")
     p.add_argument("--keep-state", action="store_true", help="keep the temporary state folder")
@@ -66,8 +69,10 @@ def configs(args, state: Path):
     else:
         import brought_model
 
-        brought_model.build_assets()
-        raw = yaml.safe_load((ROOT / "configs" / "brought-model.yaml").read_text())
+        b = brought_model.MODELS[args.model]
+        brought_model.build_assets(b)
+        raw = yaml.safe_load(b.config.read_text())
+        raw["data"]["root"], raw["teacher"]["onnx"] = str(b.photo_root), str(b.onnx_file)
         raw["variants"]["bases"] = ["teacher"]
     technique = {k: v for k, v in raw["variants"]["shrink"]["prune"].items() if k != "amounts"}
     lo, hi = RANGES["quick" if args.quick else "brought"]
