@@ -5,12 +5,15 @@ importance, scored on the val split before any fine-tune, after BatchNorm recali
 and after the pipeline's least-squares refit of its 1x1 and Linear layers (edgeopt.shrink.reconstruct),
 then KD fine-tuned from the brought model with each recipe given, from the refit model (from the plain
 pruned one with ``--no-reconstruct``), with the pipeline's fine-tune for the config (the teacher section's
-settings, the prune steps and lr; a recipe's ``fit`` and ``kd`` keys over them), printing each recipe's val
+settings, the prune steps, lr and feature_kd; a recipe's ``fit``, ``kd`` and ``feature_kd`` keys over them),
+printing each recipe's val
 curve and its test accuracy.
 
     .venv/bin/python bench/prune_recovery.py --amount 0.2                                # ~3 min
     .venv/bin/python bench/prune_recovery.py --amount 0.3 --importance taylor --global-pruning \\
         --recipe '{"fit": {"steps": 300, "lr": 0.001}}' --recipe '{"fit": {"steps": 300, "lr": 0.0005}}'
+    .venv/bin/python bench/prune_recovery.py --amount 0.5 --keep-residual --recipe '{"feature_kd": 0}' \
+        --recipe '{"feature_kd": 1}'                                                     # ~10 min
     .venv/bin/python bench/prune_recovery.py --amount 0.2 --no-fine-tune --importance fpgm  # seconds
 
 No goal: it tells which recovery recipe pays; the pipeline's goal is the brought-model bench's.
@@ -36,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--global-pruning", action="store_true", help="rank channels across layers")
     p.add_argument("--keep-residual", action="store_true",
                    help="prune only the channels one layer owns, not the residual streams (prune keep_residual: true)")
-    p.add_argument("--recipe", action="append", help=f"a KD recipe as JSON ({{'fit': {{...}}, 'kd': {{...}}}}); "
+    p.add_argument("--recipe", action="append", help=f"a KD recipe as JSON ({{'fit': {{...}}, 'kd': {{...}}, 'feature_kd': w}}); "
                                                      f"repeatable; default {DEFAULT_RECIPE}: the config's own")
     p.add_argument("--no-fine-tune", action="store_true", help="only the accuracy right after pruning")
     p.add_argument("--no-reconstruct", action="store_true",
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
     from edgeopt.shrink.prune import RECONSTRUCTION_BATCHES, prune_channels, shuffled_train_batches
     from edgeopt.shrink.reconstruct import reconstruct
     from edgeopt.shrink.run import BN_CALIBRATION_BATCHES, calibration_batches, finetune_config
-    from edgeopt.train.fit import fit, recalibrate_bn, split_accuracy
+    from edgeopt.train.fit import FeatureKD, fit, recalibrate_bn, shape_kept_layers, split_accuracy
 
     print(fingerprint_line(cpu_fingerprint()))
     print(load_line("at the start"))
@@ -104,10 +107,12 @@ def main(argv=None) -> int:
     for text in args.recipe or [DEFAULT_RECIPE]:
         recipe = json.loads(text)
         student = copy.deepcopy(model)
+        weight = recipe.get("feature_kd", prune.feature_kd)
+        features = FeatureKD(teacher, shape_kept_layers(student, teacher, ds.input_shape), weight) if weight else None
         start = time.perf_counter()
         hist = fit(student, ds, FitConfig.model_validate({**own, **recipe.get("fit", {})}), teacher=teacher,
                    kd=KDConfig.model_validate({**(train.get("kd") or {}), **recipe.get("kd", {})}),
-                   teacher_output="probabilities", seed=cfg.seed)
+                   teacher_output="probabilities", seed=cfg.seed, features=features)
         print(f"{text}: val curve {[round(v, 3) for v in hist['val_acc']]} at steps {hist['step']}, best "
               f"{hist['best_val_acc']:.4f}; test {split_accuracy(student, ds, 'test'):.4f}; "
               f"{time.perf_counter() - start:.0f} s", flush=True)

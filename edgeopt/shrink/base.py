@@ -27,6 +27,12 @@ class TechniqueOptions(BaseModel):
         None, ge=1, le=10_000_000, description="KD fine-tune optimizer steps (instead of finetune_epochs).",
     )
     lr: float = Field(0.005, gt=0, le=10, description="Fine-tune learning rate.")
+    feature_kd: float = Field(
+        0.0, ge=0, le=100,
+        description="Weight of intermediate-feature distillation in the fine-tune (0: off): the changed model's "
+                    "outputs of every layer whose output kept its shape (with prune keep_residual, each block's "
+                    "output projection; each low-rank factorized layer) matched to the unchanged base's.",
+    )
 
     @field_validator("amounts")
     @classmethod

@@ -38,7 +38,7 @@ from edgeopt.models.zoo import (
     save_checkpoint,
 )
 from edgeopt.shrink.base import ShrinkContext, TechniqueOptions, get
-from edgeopt.train.fit import fit, seed_everything
+from edgeopt.train.fit import FeatureKD, fit, seed_everything, shape_kept_layers
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,17 @@ def _export_error(err: BaseException) -> str:
     cause = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>", r"\1", lines[0])[:200] if lines else "no message"
     node = next((re.search(r"target=([^\]]+)\]", line) for line in lines if line.startswith("While executing")), None)
     return f"{type(err).__name__}: {cause}" + (f" at node '{node.group(1)}'" if node else "")
+
+
+def feature_kd(model: torch.nn.Module, load_base: Callable[[], torch.nn.Module], input_shape,
+               weight: float) -> Optional[FeatureKD]:
+    """Feature distillation from the unchanged base for the layers whose output kept its shape, or None
+    (off, or no such layer)."""
+    if not weight:
+        return None
+    base = load_base()
+    layers = shape_kept_layers(model, base, input_shape)
+    return FeatureKD(base, layers, weight) if layers else None
 
 
 def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, technique: str, amount: float,
@@ -124,10 +135,19 @@ def shrink_base(base: Checkpoint, kd_teacher: Checkpoint, dataset: Dataset, tech
         if refusal is not None:  # found in seconds, not after the fine-tune
             log.warning("shrink: %s %s not built: %s", base_name, tag, refusal)
             return unbuilt(refusal)
-        hist = fit(model, dataset, finetune_config(train, opts), teacher=load_checkpoint(kd_teacher),
+        features = feature_kd(model, load_base, m["input_shape"], opts.feature_kd)
+        if features is not None:
+            info["recipe_text"] += f", feature KD on {len(features.layers)} layers"
+            applied["feature_kd_layers"] = len(features.layers)
+        # the base is the KD teacher (a teacher's or a brought model's own shrink): its torch module serves
+        # the logits and the features in one pass
+        teacher = (features.teacher if features is not None and kd_teacher.content_hash == base.content_hash
+                   else load_checkpoint(kd_teacher))
+        hist = fit(model, dataset, finetune_config(train, opts), teacher=teacher,
                    kd=KDConfig.model_validate(train.get("kd") or {}),
                    teacher_output=kd_teacher.manifest.get("output", "logits"), seed=seed,
-                   desc=f"{base_name} {tag} KD fine-tune", eval_at=eval_at, on_eval=on_eval, start_counts=True)
+                   desc=f"{base_name} {tag} KD fine-tune", eval_at=eval_at, on_eval=on_eval, start_counts=True,
+                   features=features)
         val_acc = hist["best_val_acc"]
     if after is not None:
         applied.update(after())

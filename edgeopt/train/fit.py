@@ -2,7 +2,8 @@
 
 Read top to bottom:
 
-- ``kd_loss`` is the whole of knowledge distillation (Hinton et al. 2015);
+- ``kd_loss`` is the whole of knowledge distillation (Hinton et al. 2015); ``FeatureKD`` adds the
+  matching of intermediate features (FitNets, Romero et al. 2015) after a shrink that kept their shape;
 - ``resolve_augment`` and ``Augmenter``: what each training image goes through, chosen from the data
   when the config says ``auto``;
 - ``recalibrate_bn``: BatchNorm statistics recomputed from the final weights. torchvision's
@@ -25,7 +26,8 @@ import logging
 import math
 import random
 import time
-from typing import Callable, Collection, Dict, Iterable, Iterator, Literal, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Collection, Dict, Iterable, Iterator, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -62,6 +64,65 @@ def kd_loss(student_logits, teacher_logits, labels, temperature: float = 4.0, al
     )
     hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     return alpha * t * t * soft + (1 - alpha) * hard
+
+
+@dataclass
+class FeatureKD:
+    """Intermediate-feature distillation: the outputs of the student's modules named ``layers`` matched
+    to those of ``teacher``'s modules of the same names (the model before a shrink: each layer whose
+    output kept its shape, :func:`shape_kept_layers`). Each layer's term is the mean squared difference
+    over the mean square of the teacher's feature (a scale-free error, so that no layer dominates); their
+    mean, times ``weight``, is added to the loss. ``teacher`` may be the logits teacher itself (one
+    forward pass serves both)."""
+
+    teacher: nn.Module
+    layers: List[str]
+    weight: float
+
+
+@torch.no_grad()
+def shape_kept_layers(student: nn.Module, teacher: nn.Module, input_shape) -> List[str]:
+    """The names of ``teacher``'s (non-depthwise) convolutions whose module of the same name in
+    ``student`` gives an output of the same shape: after pruning that keeps the residual streams, each
+    block's output projection; after a low-rank factorization, each factorized layer (a Sequential of
+    two convolutions under the same name). A convolution a BatchNorm was added behind
+    (``edgeopt.models.zoo.add_batchnorm``) is matched with that BatchNorm. ``input_shape``: one image's
+    (channels, height, width)."""
+    convs = [n for n, m in teacher.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    student_modules = dict(student.named_modules())
+    names = [n for n in convs if n in student_modules]
+    x = torch.zeros(1, *input_shape)
+    shapes = [layer_outputs(model, names, x) for model in (teacher, student)]
+    return [n for n in names if n in shapes[0] and n in shapes[1] and shapes[0][n].shape == shapes[1][n].shape]
+
+
+def layer_outputs(model: nn.Module, names: List[str], x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The outputs of ``model``'s modules named ``names`` on ``x`` (in eval mode)."""
+    captured: Dict[str, torch.Tensor] = {}
+    hooks = _capture(model, names, captured)
+    was_training = model.training
+    try:
+        model.eval()(x)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def _capture(model: nn.Module, names: List[str], into: Dict[str, torch.Tensor]) -> list:
+    modules = dict(model.named_modules())
+
+    def hook(name: str):
+        return lambda _m, _i, out: into.__setitem__(name, out)
+
+    return [modules[n].register_forward_hook(hook(n)) for n in names]
+
+
+def feature_loss(student: Dict[str, torch.Tensor], teacher: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over the layers of ||s - t||^2 / ||t||^2 (per element means)."""
+    terms = [F.mse_loss(student[n], teacher[n]) / teacher[n].pow(2).mean().clamp_min(1e-12) for n in teacher]
+    return torch.stack(terms).mean()
 
 
 def resolve_augment(augment: Literal["auto"] | AugmentConfig, dataset: Dataset) -> AugmentConfig:
@@ -240,7 +301,8 @@ def train_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[Tupl
 def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional[nn.Module] = None,
         kd: KDConfig = KDConfig(), teacher_output: Literal["logits", "probabilities"] = "logits", seed: int = 0,
         desc: str = "train", eval_at: Collection[int] = (),
-        on_eval: Optional[Callable[[int, float], bool]] = None, start_counts: bool = False) -> Dict:
+        on_eval: Optional[Callable[[int, float], bool]] = None, start_counts: bool = False,
+        features: Optional[FeatureKD] = None) -> Dict:
     """Train ``model`` in place (by KD from ``teacher`` when given) and leave it in eval mode with the
     weights best on the val split (their BatchNorm statistics recalibrated unless
     ``cfg.bn_recalibration_batches`` is 0).
@@ -258,6 +320,8 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
     evaluation; True stops the run there, on the schedule it had (a cosine sized for ``cfg.steps``, not
     shortened): a search's successive halving runs one fine-tune to its longest rung and stops it at an
     earlier one, so that a rung continues the last one instead of starting over.
+
+    ``features``: intermediate-feature distillation added to the loss (:class:`FeatureKD`).
 
     ``start_counts``: the weights as given are evaluated first (step 0) and kept if no step beats them
     (a fine-tune of a model that is already good, e.g. pruned and refit, must not leave it worse).
@@ -288,6 +352,14 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
     if teacher is not None:
         teacher.eval()
         teach = _on(teacher, device, memory_format)
+    student_feats: Dict[str, torch.Tensor] = {}
+    teacher_feats: Dict[str, torch.Tensor] = {}
+    hooks = []
+    if features is not None:
+        features.teacher.eval()
+        feature_teacher = _on(features.teacher, device, memory_format)
+        hooks = (_capture(model, features.layers, student_feats)
+                 + _capture(features.teacher, features.layers, teacher_feats))
     log.info("%s: %d steps of %d images (%.1f epochs) on %s, %s lr %g, augment %s", desc, steps, cfg.batch_size,
              steps / steps_per_epoch, device.type, cfg.optimizer, cfg.lr,
              augment.model_dump(exclude_defaults=True) or "none")
@@ -313,6 +385,11 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
                 t_out = teach(x)
             t_logits = t_out.clamp_min(1e-12).log() if teacher_output == "probabilities" else t_out
             loss = kd_loss(logits, t_logits, y, kd.temperature, kd.alpha, cfg.label_smoothing)
+        if features is not None:
+            if features.teacher is not teacher:
+                with torch.no_grad():
+                    feature_teacher(x)
+            loss = loss + features.weight * feature_loss(student_feats, teacher_feats)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -342,10 +419,13 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
                 break
             model.train()
     bar.close()
+    for h in hooks:
+        h.remove()
     model.load_state_dict(best_state)
     model.cpu().to(memory_format=torch.contiguous_format).eval()
-    if teacher is not None:
-        teacher.cpu().to(memory_format=torch.contiguous_format)
+    for t in (teacher, features.teacher if features else None):
+        if t is not None:
+            t.cpu().to(memory_format=torch.contiguous_format)
     history.update(best_val_acc=best_acc, best_step=best_step, steps=step, stopped_early=step < steps,
                    stopped_by=stopped_by, chance=chance, learned=best_acc >= learned_above,
                    augment=augment.model_dump(), device=device.type)
