@@ -16,7 +16,7 @@ from edgeopt.plan import parse_config
 from edgeopt.search.outcome import render, search_report
 from edgeopt.search.probe import Prober
 from edgeopt.search.space import Candidate
-from edgeopt.search.study import run_worker, study_name
+from edgeopt.search.study import open_study, run_worker, study_name
 from tests._search import SEARCH, check_two_workers_run_disjoint_trials, search_config, spawn, trials_of
 from tests._tiny import TINY
 
@@ -104,13 +104,30 @@ def test_a_study_killed_mid_trial_resumes_without_repeating_finished_trials(tmp_
     assert {n: (after[n].state, after[n].stop) for n in before} == before  # finished trials kept as they were
     assert after[killed].state == "FAIL" and after[killed].stop.startswith("killed")
     assert not set(resumed["trials"]) & set(before)  # none of them ran again
-    counted = [t for t in after.values() if t.state in ("COMPLETE", "PRUNED")]
+    counted = [t for t in after.values() if t.state in ("COMPLETE", "PRUNED") and not t.stop.startswith("a repeat of")]
     assert len(counted) + sum(t.state == "RUNNING" for t in after.values()) == 4  # the budget, across both runs
     again = int(after[killed].stop.rsplit("#", 1)[1])  # the killed trial's candidate, enqueued again
     assert again in resumed["trials"] and after[again].amount == after[killed].amount
     for t in after.values():  # a candidate finished before the kill is never trained again
         if t.number in resumed["trials"] and any(after[n].amount == t.amount for n in before):
-            assert t.stop.startswith("the same model as trial")
+            assert t.same_as is not None and not t.trained
+
+
+def test_a_repeat_of_a_finished_trials_parameters_is_not_measured_trained_or_counted(
+        tmp_path, tiny_raw, digits, teacher_ckpt, student_ckpt, fine_tunes, monkeypatch):
+    cfg = search_config(tmp_path, tiny_raw, "repeat", budget={"trials": 2})
+    study = open_study(cfg, study_name(cfg, digits, {"student": student_ckpt}))
+    for _ in range(2):  # what TPE does on a small lattice: the same parameters asked for again
+        study.enqueue_trial({"prune.amount": 0.4})
+    probed, real_probe = [], Prober.probe
+    monkeypatch.setattr(Prober, "probe", lambda self, cand: probed.append(cand.amount) or real_probe(self, cand))
+    run_worker(cfg, digits, {"student": student_ckpt}, teacher_ckpt)
+    trials = trials_of(cfg, digits, student_ckpt)
+    repeats = [t for t in trials if t.stop.startswith("a repeat of trial #")]
+    assert trials[1] in repeats and trials[1].same_as == 0 and trials[1].value == trials[0].value, render(
+        search_report(cfg, digits, {"student": student_ckpt}))
+    assert len(trials) - len(repeats) == 2 == len(probed)  # the budget: only the trials measured count
+    assert len(fine_tunes) == sum(t.trained for t in trials) and not any(t.trained for t in repeats)
 
 
 def test_two_workers_on_one_sqlite_study_run_disjoint_trials(tmp_path, tiny_raw, digits, teacher_ckpt, student_ckpt):

@@ -186,6 +186,10 @@ def test_a_caller_sees_every_evaluation_and_stops_the_run_on_the_whole_runs_sche
 
     stopped, whole = run(6), run(None)
     assert stopped["step"] == [3, 6] and stopped["steps"] == 6 and stopped["stopped_by"] == "on_eval"
+    seen: list = []  # with start_counts the start is an evaluation at step 0 (a rung's best so far counts it)
+    start = fit(build_model("small_cnn", 10, 1, 4), digits, FitConfig(steps=4, batch_size=32, lr=0.05), seed=0,
+                on_eval=lambda step, acc: seen.append((step, acc)) or step == 0, start_counts=True)
+    assert seen[0] == (0, start["start_val_acc"]) and start["steps"] == 4  # and no stop there
     assert stopped["stopped_early"] and stopped["best_val_acc"] == max(stopped["val_acc"])
     assert whole["step"] == [3, 6, 8, 16] and whole["steps"] == 16 and whole["stopped_by"] is None
     assert whole["val_acc"][:2] == stopped["val_acc"] and whole["loss"][:2] == stopped["loss"]

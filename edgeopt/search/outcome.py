@@ -49,6 +49,7 @@ class TrialRecord(BaseModel):
     worker: str = ""
     signature: str = ""
     trained: bool = False  # reached a fine-tune (not rejected before one)
+    same_as: Optional[int] = None  # the trial whose outcome it took (the same model, or a repeat of its parameters)
 
     @property
     def accuracy(self) -> Optional[float]:
@@ -103,7 +104,7 @@ def _record(t: Any, retries: Dict[int, int]) -> TrialRecord:
         macs=probe.get("macs"), combos=probe.get("combos", {}), rungs=a.get("rungs", []),
         value=t.value if t.value is not None else last, seconds=seconds, worker=a.get("worker", ""),
         signature=probe.get("signature", ""), trained=bool(a.get("rungs")) and "same_as" not in a,
-        steps=0 if "same_as" in a else int(a.get("finetune_steps", 0)),
+        steps=0 if "same_as" in a else int(a.get("finetune_steps", 0)), same_as=a.get("same_as"),
     )
 
 
@@ -121,7 +122,7 @@ def choose_survivors(cfg: RunConfig, trials: List[TrialRecord], judges: Dict[str
     for base in cfg.variants.bases:
         judge = judges.get(base)
         mine = [t for t in trials if t.base == base and t.params is not None and t.state != "FAIL" and t.combos
-                and not t.stop.startswith("rejected")]
+                and not t.stop.startswith("rejected") and t.same_as is None]  # a twin stands for its original
         if judge is None or not mine:
             continue
         picks: List[tuple] = []

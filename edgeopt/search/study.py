@@ -34,6 +34,9 @@ from edgeopt.search.space import Candidate, Combo, Judge, Probe, grid_params, su
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S, GRACE_S = 30, 300  # a trial whose worker stopped beating this long ago is failed and retried
+# a repeat (the sampler asking again for parameters a finished trial had) is not counted against the budget;
+# a study that holds this many times its trial budget has a sampler that only repeats itself: the space is spent
+MAX_TRIALS_PER_BUDGET = 4
 # what a study's trials do not depend on: the name is the same when these change (a larger budget resumes it)
 NOT_IN_STUDY = ("budget", "workers", "storage", "study", "survivors")
 RUN_SECTIONS = ("seed", "data", "teacher", "student", "target", "selection")
@@ -143,12 +146,15 @@ def recover(study: Any) -> List[int]:
 
 
 def used(study: Any) -> int:
-    """Trials that count against the budget: finished or running, less the ones killed with their worker."""
+    """Trials that count against the budget: finished or running, less the ones killed with their worker and
+    the repeats (TPE asked for the same parameters again: on a lattice of a dozen amounts it does, and a
+    brought model's run of 8 trials lost 3 of them so)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     killed = retried(trials)
-    return sum(1 for t in trials if t.state != TrialState.WAITING and t.number not in killed)
+    return sum(1 for t in trials if t.state != TrialState.WAITING and t.number not in killed
+               and "repeat_of" not in t.user_attrs)
 
 
 def load_probe(d: Dict[str, Any]) -> Probe:
@@ -208,19 +214,26 @@ class Worker:
             trial.set_user_attr("stop", reason)
             log.info("search: trial #%d %s: %s", trial.number, cand.label, reason)
 
-        try:
-            probe = self.prober.probe(cand)
-        except Exception as err:  # noqa: BLE001 - a candidate that does not build is recorded, the search goes on
-            stop(f"failed before fine-tune: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}")
-            raise SearchTrialError(str(err)) from err
-        trial.set_user_attr("probe", asdict(probe))
         peers = self.peers(trial.study, trial, cand)
-        twin = next((t for t in peers if t.user_attrs["probe"]["signature"] == probe.signature
-                     and t.state.is_finished()), None)
+        repeat = next((t for t in peers if t.state.is_finished() and t.params == trial.params), None)
+        if repeat is not None:  # not measured again either, and not counted against the budget (used)
+            probe = load_probe(repeat.user_attrs["probe"])
+            trial.set_user_attr("repeat_of", repeat.number)
+        else:
+            try:
+                probe = self.prober.probe(cand)
+            except Exception as err:  # noqa: BLE001 - a candidate that does not build is recorded, the search goes on
+                stop(f"failed before fine-tune: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}")
+                raise SearchTrialError(str(err)) from err
+        trial.set_user_attr("probe", asdict(probe))
+        twin = repeat or next((t for t in peers if t.user_attrs["probe"]["signature"] == probe.signature
+                               and t.state.is_finished()), None)
         if twin is not None:
             trial.set_user_attr("same_as", twin.number)
             trial.set_user_attr("rungs", twin.user_attrs.get("rungs", []))
-            stop(f"the same model as trial #{twin.number} (the same channels kept): its outcome, not trained again")
+            stop(f"a repeat of trial #{twin.number}'s parameters: its outcome, not measured, trained or counted "
+                 "against the budget again" if repeat is not None else
+                 f"the same model as trial #{twin.number} (the same channels kept): its outcome, not trained again")
             if twin.state.name == "COMPLETE":
                 return float(twin.value)
             last = max(twin.intermediate_values, default=None)
@@ -285,6 +298,10 @@ class Worker:
                 log.info("search: wall budget of %g min spent", wall_minutes)
                 return
             if trials is not None and used(study) >= trials:
+                return
+            if trials is not None and len(study.get_trials(deepcopy=False)) >= MAX_TRIALS_PER_BUDGET * trials:
+                log.info("search: %d trials for a budget of %d, the sampler only repeats itself: the space is spent",
+                         len(study.get_trials(deepcopy=False)), trials)
                 return
             study.optimize(self.objective, n_trials=1, catch=(SearchTrialError,))
 

@@ -323,8 +323,9 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
 
     ``features``: intermediate-feature distillation added to the loss (:class:`FeatureKD`).
 
-    ``start_counts``: the weights as given are evaluated first (step 0) and kept if no step beats them
-    (a fine-tune of a model that is already good, e.g. pruned and refit, must not leave it worse).
+    ``start_counts``: the weights as given are evaluated first (step 0; ``on_eval`` sees it, and cannot
+    stop there) and kept if no step beats them (a fine-tune of a model that is already good, e.g. pruned
+    and refit, must not leave it worse).
 
     Returns the history: per evaluation the step, the mean train loss since the last one and the val
     accuracy (the curve); with ``start_counts`` the start's val accuracy; the best val accuracy and its
@@ -372,6 +373,8 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
     if start_counts:
         best_acc = history["start_val_acc"] = split_accuracy(model, dataset, "val", cfg.batch_size)
         best_state = copy.deepcopy(model.state_dict())
+        if on_eval is not None:  # the start is an evaluation too (step 0), never a stop
+            on_eval(0, best_acc)
     model.train()
     bar = tqdm(total=steps, desc=desc, unit="step", mininterval=1.0)
     for step, (raw, labels) in enumerate(train_batches(dataset, cfg.batch_size, seed), start=1):
