@@ -36,7 +36,8 @@ def _size(_ctx, _param, value: Optional[str]) -> Optional[Tuple[int, int]]:
 @click.option("--formats", multiple=True, callback=_csv, metavar="LIST",
               help="Export formats, e.g. onnx,openvino (default: the config default, onnx and openvino).")
 @click.option("--precisions", multiple=True, callback=_csv, metavar="LIST",
-              help="Precisions, e.g. fp32,int8,bf16 (default: fp32,int8).")
+              help="Precisions, e.g. fp32,int8,bf16 (default: fp32,int8); native: the CPU's own (bf16, int8-bf16, "
+                   "fp16-native) where it has them, none where it has not.")
 @click.option("--max-drop", type=click.FloatRange(0, 100), default=1.0, show_default=True,
               help="Largest validation-accuracy drop allowed against your model, in points.")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -50,6 +50,19 @@ def test_a_native_precision_is_accepted_on_a_cpu_with_either_flag(monkeypatch, t
     assert [b.precision for b in check.variant_plan(cfg).builds if b.format == "openvino"] == ["fp32", name] * 2
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ((), ["fp32", "int8"]),
+    (("avx512_bf16",), ["fp32", "bf16", "int8-bf16", "int8"]),
+    (("amx_bf16", "amx_fp16"), ["fp32", "bf16", "fp16-native", "int8-bf16", "int8"]),
+])
+def test_native_stands_for_the_native_precisions_this_cpu_has(monkeypatch, tiny_raw, flags, expected):
+    on_cpu(monkeypatch, *flags)
+    assert parse_config(with_quantization(tiny_raw, "native", "int8")).variants.quantization == expected
+    if flags:  # one listed already is not listed twice
+        listed = parse_config(with_quantization(tiny_raw, "bf16", "native")).variants.quantization
+        assert listed.count("bf16") == 1 and set(listed) == set(expected) - {"int8"}
+
+
 def test_the_other_precisions_need_no_flag_and_unreadable_flags_refuse_with_that_reason(monkeypatch, tiny_raw):
     monkeypatch.setattr(check, "cpu_info", lambda: ("unknown", frozenset()))
     assert parse_config(with_quantization(tiny_raw, "fp16", "int8", "int8-acc")).variants.quantization[-1] == "int8-acc"

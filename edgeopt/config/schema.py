@@ -164,7 +164,8 @@ class VariantsConfig(Strict):
     quantization: List[Scheme] = Field(
         ["fp32", "int8"], min_length=1,
         description="fp32, fp16, int8 (static PTQ: ORT QDQ / NNCF), int8-dynamic (ORT, ONNX only), "
-                    "int8-acc (NNCF accuracy-controlled PTQ)",
+                    "int8-acc (NNCF accuracy-controlled PTQ), int8-qat, bf16 / fp16-native / int8-bf16 (OpenVINO "
+                    "on a CPU that has them), native (those of the three this CPU has, none elsewhere)",
     )
     formats: List[str] = Field(["onnx", "openvino"], min_length=1, description="Export formats (edgeopt.formats).")
     runtimes: List[str] = Field(
@@ -183,6 +184,18 @@ class VariantsConfig(Strict):
         if isinstance(v, (list, tuple)) and len(v) > MAX_LIST_ITEMS:  # before validating each item of a huge list
             raise ValueError(f"at most {MAX_LIST_ITEMS} entries, got {len(v)}")
         return v
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _native(cls, v, info: ValidationInfo):
+        """``native``: the precisions this CPU computes in natively, those not listed already (none on a CPU
+        without AVX512_BF16, AVX512_FP16 or AMX: a config that asks for them runs on any CPU)."""
+        registries = _registries(info)
+        if registries is None or not isinstance(v, list) or "native" not in v:
+            return v
+        own = [p for p in registries.native_precisions() if p not in v]
+        i = v.index("native")
+        return v[:i] + own + v[i + 1:]
 
     @field_validator("bases", "quantization", "formats", "runtimes")
     @classmethod

@@ -37,6 +37,10 @@ class Registries:
             why = f"this CPU ({model}) {has}" if flags else "this CPU's flags cannot be read (/proc/cpuinfo)"
             raise ValueError(f"{name} needs a CPU with {' or '.join(needs)}; {why}")
 
+    def native_precisions(self) -> List[str]:
+        """What ``native`` in variants.quantization stands for on this CPU (none where it has no flag)."""
+        return precisions.natives(cpu_info()[1])
+
     def formats(self, names: List[str]) -> None:
         for f in names:
             formats.get(f)

@@ -27,11 +27,13 @@ config validates ``variants.quant`` without them. Usable from a notebook, on art
 from edgeopt.precisions import fp16, int8, int8_acc, int8_dynamic, native, qat  # noqa: E402,F401,I001
 from edgeopt.precisions.base import (  # noqa: F401  (the package's interface)
     IDENTITY,
+    NATIVE,
     REGISTRY,
     Inputs,
     Precision,
     formats_for,
     get,
     names,
+    natives,
     quantize_model,
 )

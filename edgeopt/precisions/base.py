@@ -7,7 +7,7 @@ import logging
 from abc import ABC, abstractmethod
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterator, Tuple
+from typing import TYPE_CHECKING, AbstractSet, Any, Callable, ClassVar, Dict, Iterator, List, Tuple
 
 import numpy as np
 from pydantic import BaseModel
@@ -95,6 +95,15 @@ class Precision(ABC):
     @abstractmethod
     def recipe(self, fmt: str, options: Any, n_calibration: int) -> Tuple[Dict[str, Any], str]:
         """(every option the recipe uses on ``fmt``, with ``auto`` values resolved; a method a person can read)."""
+
+
+NATIVE = "native"  # in variants.quantization: every precision this CPU computes in natively (``natives``)
+
+
+def natives(flags: AbstractSet[str]) -> List[str]:
+    """The registered precisions that compute in a precision of the CPU's own and that a CPU with ``flags``
+    has one of the flags for (bf16, int8-bf16 with AVX512_BF16 or AMX; fp16-native with AVX512_FP16 or AMX)."""
+    return [name for name, p in REGISTRY.items() if p.cpu_flags and flags & set(p.cpu_flags)]
 
 
 def names() -> Tuple[str, ...]:
