@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     from edgeopt.shrink.prune import RECONSTRUCTION_BATCHES, prune_channels, shuffled_train_batches
     from edgeopt.shrink.reconstruct import reconstruct
     from edgeopt.shrink.run import BN_CALIBRATION_BATCHES, calibration_batches, finetune_config
-    from edgeopt.train.fit import FeatureKD, fit, recalibrate_bn, shape_kept_layers, split_accuracy
+    from edgeopt.train.features import FeatureKD, shape_kept_layers
+    from edgeopt.train.fit import fit, recalibrate_bn, split_accuracy
 
     print(fingerprint_line(cpu_fingerprint()))
     print(load_line("at the start"))

@@ -15,7 +15,8 @@ from edgeopt.shrink.prune import IMPORTANCES, Prune, PruneOptions, prune_channel
 from edgeopt.shrink.reconstruct import reconstruct, refittable
 from edgeopt.shrink.run import shrink_base
 from edgeopt.shrink.sparsity import SparsityOptions, sparsify
-from edgeopt.train.fit import accuracy, feature_loss, layer_outputs, shape_kept_layers
+from edgeopt.train.features import feature_loss, layer_outputs, shape_kept_layers
+from edgeopt.train.fit import accuracy
 
 pytestmark = pytest.mark.slow  # trains and fine-tunes models (docs/tests.md: the inner loop skips them)
 

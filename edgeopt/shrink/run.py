@@ -38,7 +38,8 @@ from edgeopt.models.zoo import (
     save_checkpoint,
 )
 from edgeopt.shrink.base import ShrinkContext, TechniqueOptions, get
-from edgeopt.train.fit import FeatureKD, fit, seed_everything, shape_kept_layers
+from edgeopt.train.features import FeatureKD, shape_kept_layers
+from edgeopt.train.fit import fit, seed_everything
 
 log = logging.getLogger(__name__)
 

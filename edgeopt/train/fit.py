@@ -26,8 +26,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
-from typing import Callable, Collection, Dict, Iterable, Iterator, List, Literal, Optional, Tuple
+from typing import Callable, Collection, Dict, Iterable, Iterator, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +39,7 @@ from edgeopt.artifacts import Checkpoint, Dataset, sha256_file
 from edgeopt.config import AugmentConfig, FitConfig, KDConfig, StudentConfig, resolve_path
 from edgeopt.models.brought import PretrainedError, _read_state_dict
 from edgeopt.models.zoo import build_model, load_checkpoint, save_checkpoint
+from edgeopt.train.features import FeatureKD, capture, feature_loss
 
 log = logging.getLogger(__name__)
 
@@ -64,65 +64,6 @@ def kd_loss(student_logits, teacher_logits, labels, temperature: float = 4.0, al
     )
     hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     return alpha * t * t * soft + (1 - alpha) * hard
-
-
-@dataclass
-class FeatureKD:
-    """Intermediate-feature distillation: the outputs of the student's modules named ``layers`` matched
-    to those of ``teacher``'s modules of the same names (the model before a shrink: each layer whose
-    output kept its shape, :func:`shape_kept_layers`). Each layer's term is the mean squared difference
-    over the mean square of the teacher's feature (a scale-free error, so that no layer dominates); their
-    mean, times ``weight``, is added to the loss. ``teacher`` may be the logits teacher itself (one
-    forward pass serves both)."""
-
-    teacher: nn.Module
-    layers: List[str]
-    weight: float
-
-
-@torch.no_grad()
-def shape_kept_layers(student: nn.Module, teacher: nn.Module, input_shape) -> List[str]:
-    """The names of ``teacher``'s (non-depthwise) convolutions whose module of the same name in
-    ``student`` gives an output of the same shape: after pruning that keeps the residual streams, each
-    block's output projection; after a low-rank factorization, each factorized layer (a Sequential of
-    two convolutions under the same name). A convolution a BatchNorm was added behind
-    (``edgeopt.models.zoo.add_batchnorm``) is matched with that BatchNorm. ``input_shape``: one image's
-    (channels, height, width)."""
-    convs = [n for n, m in teacher.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
-    student_modules = dict(student.named_modules())
-    names = [n for n in convs if n in student_modules]
-    x = torch.zeros(1, *input_shape)
-    shapes = [layer_outputs(model, names, x) for model in (teacher, student)]
-    return [n for n in names if n in shapes[0] and n in shapes[1] and shapes[0][n].shape == shapes[1][n].shape]
-
-
-def layer_outputs(model: nn.Module, names: List[str], x: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """The outputs of ``model``'s modules named ``names`` on ``x`` (in eval mode)."""
-    captured: Dict[str, torch.Tensor] = {}
-    hooks = _capture(model, names, captured)
-    was_training = model.training
-    try:
-        model.eval()(x)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return captured
-
-
-def _capture(model: nn.Module, names: List[str], into: Dict[str, torch.Tensor]) -> list:
-    modules = dict(model.named_modules())
-
-    def hook(name: str):
-        return lambda _m, _i, out: into.__setitem__(name, out)
-
-    return [modules[n].register_forward_hook(hook(n)) for n in names]
-
-
-def feature_loss(student: Dict[str, torch.Tensor], teacher: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over the layers of ||s - t||^2 / ||t||^2 (per element means)."""
-    terms = [F.mse_loss(student[n], teacher[n]) / teacher[n].pow(2).mean().clamp_min(1e-12) for n in teacher]
-    return torch.stack(terms).mean()
 
 
 def resolve_augment(augment: Literal["auto"] | AugmentConfig, dataset: Dataset) -> AugmentConfig:
@@ -359,8 +300,8 @@ def fit(model: nn.Module, dataset: Dataset, cfg: FitConfig, *, teacher: Optional
     if features is not None:
         features.teacher.eval()
         feature_teacher = _on(features.teacher, device, memory_format)
-        hooks = (_capture(model, features.layers, student_feats)
-                 + _capture(features.teacher, features.layers, teacher_feats))
+        hooks = (capture(model, features.layers, student_feats)
+                 + capture(features.teacher, features.layers, teacher_feats))
     log.info("%s: %d steps of %d images (%.1f epochs) on %s, %s lr %g, augment %s", desc, steps, cfg.batch_size,
              steps / steps_per_epoch, device.type, cfg.optimizer, cfg.lr,
              augment.model_dump(exclude_defaults=True) or "none")
