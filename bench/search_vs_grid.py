@@ -1,9 +1,10 @@
 """Search vs grid (issue 21): the same model, technique, fine-tune, precisions and runtimes, compressed once
 by a dense grid of prune amounts and once by edgeopt's search (variants.search), on this machine.
 
-- grid: every amount of the range (0.4-0.9 on digits, 0.1-0.6 on the brought model) at a step of 0.1
-  (6 amounts), each with the technique's full KD fine-tune,
-  x fp32/int8 x ONNX x ONNX Runtime/OpenVINO, as the pipeline builds a grid;
+- grid: every amount of the range (0.4-0.9 on digits, 0.1-0.6 on the brought model) at the search's own step
+  of 0.05 (11 amounts: the exhaustive answer on the lattice the search samples, what a user without a search
+  would have to build to be sure of the best; ``--grid-step 0.1`` builds 6), each with the technique's full
+  KD fine-tune, x fp32/int8 x ONNX x ONNX Runtime/OpenVINO, as the pipeline builds a grid;
 - search: an Optuna study over the same range at a step of 0.05 (not started from the grid), every trial
   measured on this CPU before any fine-tune, short fine-tunes with successive halving for the rest, the
   full fine-tune and INT8 for its survivors only;
@@ -34,9 +35,9 @@ from typing import Dict, List, Tuple
 from _common import argument_parser, fingerprint_line, load_line, run_isolated, verdict
 
 GOAL = {"p50": 1.05, "hypervolume": 0.95, "wall": 0.40}
-GRID_STEP, SEARCH_STEP = 0.1, 0.05
-RANGES = {"quick": (0.4, 0.9), "brought": (0.1, 0.6)}  # 6 grid amounts each; digits' teacher keeps its accuracy
-# far longer under pruning than the brought EfficientNet-Lite0 does
+SEARCH_STEP = 0.05
+RANGES = {"quick": (0.4, 0.9), "brought": (0.1, 0.6)}  # digits' teacher keeps its accuracy far longer under
+# pruning than the brought EfficientNets do
 QUICK = {  # the default config's teacher on digits, pruned and fine-tuned as long as a real model would be
     "name": "search-bench-digits", "seed": 0,
     "data": {"source": "digits"},
@@ -56,6 +57,8 @@ def parse_args(argv=None):
                         "between neighbouring prune amounts (bench/README.md), which no search can rank")
     p.add_argument("--trials", type=int, default=8, help="the search's trial budget (default 8)")
     p.add_argument("--survivors", type=int, default=2, help="the search's survivors (full fine-tunes, default 2)")
+    p.add_argument("--grid-step", type=float, default=SEARCH_STEP,
+                   help=f"the grid's step between prune amounts (default {SEARCH_STEP}: the search's own lattice)")
     p.add_argument("--keep-state", action="store_true", help="keep the temporary state folder")
     return p.parse_args(argv)
 
@@ -78,13 +81,13 @@ def configs(args, state: Path):
         raw["variants"]["bases"] = ["teacher"]
     technique = {k: v for k, v in raw["variants"]["shrink"]["prune"].items() if k != "amounts"}
     lo, hi = RANGES["quick" if args.quick else "brought"]
-    n = round((hi - lo) / GRID_STEP)
+    n = round((hi - lo) / args.grid_step)
     common = {**raw["variants"], "formats": ["onnx"], "runtimes": ["onnxruntime", "openvino"],
               "quantization": ["fp32", "int8"]}
     raw = {**raw, "tracking": {"uri": f"sqlite:///{state / 'mlflow.db'}"}, "deploy": {"root": str(state / "deploy")},
            "selection": {"objective": "latency"}}
     grid = parse_config({**raw, "variants": {**common, "shrink": {"prune": {
-        **technique, "amounts": [round(lo + k * GRID_STEP, 6) for k in range(n + 1)]}}}}, "grid")
+        **technique, "amounts": [round(lo + k * args.grid_step, 6) for k in range(n + 1)]}}}}, "grid")
     search = parse_config({**raw, "variants": {**common, "shrink": {}, "search": {
         "shrink": {"prune": {**technique, "range": [lo, hi], "step": SEARCH_STEP}}, "budget": {"trials": args.trials},
         "survivors": args.survivors, "start_from_grid": False, "storage": f"sqlite:///{state / 'search.db'}"}}},

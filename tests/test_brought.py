@@ -230,6 +230,50 @@ def test_an_onnx_teacher_is_pruned_and_fine_tuned_through_the_pipeline(prob_onnx
     assert m["accuracy"] > 0.8, m  # 10 classes: chance is 0.1; the brought model has 0.98
 
 
+def test_a_brought_base_is_converted_and_calibrated_once_per_process(prob_onnx, digits, monkeypatch):
+    """A run's amounts and a search's trials start from copies of one conversion (with its BatchNorms back and
+    calibrated): converted once, and each build the same as from a fresh conversion."""
+    from edgeopt.shrink import run
+
+    teacher = onnx_teacher(prob_onnx, digits)
+    calls = []
+    monkeypatch.setattr(run, "torch_from_onnx", lambda *a, **k: calls.append(a) or torch_from_onnx(*a, **k))
+    opts = PruneOptions(amounts=[0.5], round_to=None, reconstruct=True, finetune_epochs=0)  # (a fine-tune's last digits vary)
+
+    def weights():
+        ckpt = shrink_base(teacher, teacher, digits, "prune", 0.5, opts)
+        return torch.load(ckpt.path / "weights.pt", weights_only=True), ckpt.manifest["macs_before"]
+
+    run._converted.clear()
+    first, second = weights(), weights()
+    assert len(calls) == 1
+    run._converted.clear()
+    fresh = weights()
+    assert len(calls) == 2 and first[1] == second[1] == fresh[1] > 0
+    for other in (second, fresh):
+        assert first[0].keys() == other[0].keys()
+        assert all(torch.equal(first[0][k], other[0][k]) for k in first[0])
+
+
+def test_batchnorm_calibration_pools_its_batches_exactly():
+    """Each added BatchNorm gets its input's mean and (population) variance over all the batches together."""
+    from edgeopt.models.zoo import add_batchnorm, calibrate_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+    with torch.no_grad():
+        net[0].bias += 5  # a mean far from 0, where one-pass sums of squares lose the variance
+    batches = [torch.randn(n, 3, 12, 12) * 2 + 1 for n in (32, 32, 7)]
+    norms = add_batchnorm(net)
+    calibrate_batchnorm(net, norms, batches)
+    with torch.no_grad():
+        out = net[0][0].double()(torch.cat(batches).double())
+    mean, var = out.mean((0, 2, 3)), out.var((0, 2, 3), unbiased=False)
+    assert torch.allclose(norms[0].running_mean.double(), mean, atol=1e-5)
+    assert torch.allclose(norms[0].running_var.double(), var, rtol=1e-5)
+    assert torch.allclose(norms[0].weight.double(), (var + norms[0].eps).sqrt(), rtol=1e-5)
+
+
 def test_brought_torch_checkpoint_is_pruned_and_fine_tuned_from_itself(teacher_ckpt, digits):
     pruned = shrink_base(teacher_ckpt, teacher_ckpt, digits, "prune", 0.5,
                          PruneOptions(amounts=[0.5], finetune_epochs=2, lr=0.02, round_to=None))

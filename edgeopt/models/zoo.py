@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, cast
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -153,12 +153,12 @@ def calibrate_batchnorm(model: nn.Module, norms: List[nn.BatchNorm2d], batches: 
     """Set each of ``norms`` (identity so far) to its input's per-channel mean and variance over
     ``batches``, with weight = std and bias = mean: in eval mode the model computes what it did, in
     train mode (batch statistics) nearly so, and pruning and fine-tuning see real statistics."""
-    sums: Dict[int, torch.Tensor] = {}  # per norm: [sum, sum of squares, count] x channels
+    seen: Dict[int, List[Tuple[int, torch.Tensor, torch.Tensor]]] = {}  # per norm: (values, mean, var) per batch
 
     def record(bn, inputs, _output):
-        x = inputs[0].double().transpose(0, 1).flatten(1)
-        s = torch.stack([x.sum(1), (x * x).sum(1), torch.full((len(x),), x.shape[1], dtype=torch.float64)])
-        sums[id(bn)] = sums[id(bn)] + s if id(bn) in sums else s
+        x = inputs[0]
+        var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=0)
+        seen.setdefault(id(bn), []).append((x.numel() // x.shape[1], mean.double(), var.double()))
 
     hooks = [bn.register_forward_hook(record) for bn in norms]
     model.eval()
@@ -168,10 +168,11 @@ def calibrate_batchnorm(model: nn.Module, norms: List[nn.BatchNorm2d], batches: 
     finally:
         for h in hooks:
             h.remove()
-    for bn in norms:
-        total, squares, n = sums[id(bn)]
-        mean = total / n
-        var = (squares / n - mean * mean).clamp_min(0)
+    for bn in norms:  # the batches' statistics pooled (exactly: each batch's variance about the overall mean)
+        counts = torch.tensor([n for n, _, _ in seen[id(bn)]], dtype=torch.float64)[:, None]
+        means = torch.stack([m for _, m, _ in seen[id(bn)]])
+        mean = (counts * means).sum(0) / counts.sum()
+        var = (counts * (torch.stack([v for _, _, v in seen[id(bn)]]) + (means - mean) ** 2)).sum(0) / counts.sum()
         bn.running_mean, bn.running_var = mean.float(), var.float()
         bn.weight.copy_((var + bn.eps).sqrt())
         bn.bias.copy_(mean)

@@ -199,7 +199,7 @@ def build_survivor(report: SearchReport, base_name: str, slot: int, base: Checkp
                                                           "reason": reason, "tag": f"s{slot}"})
     log.info("search: %s-s%d is trial #%d, %s: %s", base_name, slot, s.trial, s.label, s.why)
     return shrink_base(base, kd_teacher, dataset, s.technique, s.amount, get(s.technique).Options.model_validate(
-        s.options), seed)
+        s.options), seed, export_checked=True)  # its trial's probe built every format of it
 
 
 def render(report: SearchReport) -> str:

@@ -1,7 +1,7 @@
 """The cheap stage and the short fine-tunes of a trial, with the project's own functions.
 
 - :meth:`Prober.probe`: the technique applied to the base with no fine-tune (``shrink_base`` with zero
-  fine-tune steps: the same conversion, technique and hooks as a grid variant), exported to every format
+  fine-tune steps and no refit: the same conversion, technique and shapes as a grid variant), exported to every format
   and quantized to every precision of the run (calibrated on a few images: latency and size do not
   depend on the weights), then timed with the run's latency protocol (``edgeopt.measure.latency.measure``)
   in ONE loop with the unpruned base's same models, so that every speed is a same-run ratio. Seconds,
@@ -93,13 +93,17 @@ class Prober:
         return split_accuracy(load_checkpoint(self.bases.get("teacher", self.kd_teacher)), self.dataset, "val")
 
     def shrunk(self, cand: Candidate, steps: int = 0, **fit_hooks: Any) -> Checkpoint:
-        """The candidate built by ``shrink_base``: no fine-tune (``steps`` 0), or a KD fine-tune of ``steps``
-        (``fit_hooks``: ``eval_at`` and ``on_eval``, for its ``fit``)."""
+        """The candidate built by ``shrink_base``: its structure alone (``steps`` 0: no fine-tune and no
+        least-squares refit, which change weights, never shapes), or, once probed, a KD fine-tune of
+        ``steps`` (``fit_hooks``: ``eval_at`` and ``on_eval``, for its ``fit``)."""
         from edgeopt.shrink.run import shrink_base
 
-        opts = self.cand_options(cand).model_copy(update={"finetune_epochs": 0, "finetune_steps": steps or None})
-        return shrink_base(self.bases[cand.base], self.kd_teacher, self.dataset, cand.technique, cand.amount, opts,
-                           self.seed, **fit_hooks)
+        opts = self.cand_options(cand)
+        update: Dict[str, Any] = {"finetune_epochs": 0, "finetune_steps": steps or None}
+        if not steps and "reconstruct" in type(opts).model_fields:
+            update["reconstruct"] = False
+        return shrink_base(self.bases[cand.base], self.kd_teacher, self.dataset, cand.technique, cand.amount,
+                           opts.model_copy(update=update), self.seed, export_checked=bool(steps), **fit_hooks)
 
     def cand_options(self, cand: Candidate):
         return cand.options(self.search.shrink)
