@@ -19,8 +19,8 @@ minimized, against the point (max accuracy drop, 1, 1): the reference model's la
 
     .venv/bin/python bench/search_vs_grid.py --quick    # digits, the default teacher trained here (~10 min)
     .venv/bin/python bench/search_vs_grid.py            # the brought-model bench model (bench/brought_model.py's
-                                                        # Lite1 assets, built if missing; over 1 hour on two
-                                                        # cores; --model lite0: the Lite0 one, ~1 hour)
+                                                        # Lite1 assets, built if missing; 1 h 35 min on two
+                                                        # cores; --model lite0: the Lite0 one, over 1 hour)
 
 Goal: the search's best feasible variant within 5 % of the grid's best p50 at no larger accuracy drop; its
 front's hypervolume >= 95 % of the grid's; in <= 40 % of the grid's wall time.
