@@ -169,10 +169,10 @@ def calibrate_batchnorm(model: nn.Module, norms: List[nn.BatchNorm2d], batches: 
         for h in hooks:
             h.remove()
     for bn in norms:  # the batches' statistics pooled (exactly: each batch's variance about the overall mean)
-        counts = torch.tensor([n for n, _, _ in seen[id(bn)]], dtype=torch.float64)[:, None]
-        means = torch.stack([m for _, m, _ in seen[id(bn)]])
+        ns, ms, vs = zip(*seen[id(bn)])
+        counts, means = torch.tensor(ns, dtype=torch.float64)[:, None], torch.stack(ms)
         mean = (counts * means).sum(0) / counts.sum()
-        var = (counts * (torch.stack([v for _, _, v in seen[id(bn)]]) + (means - mean) ** 2)).sum(0) / counts.sum()
+        var = (counts * (torch.stack(vs) + (means - mean) ** 2)).sum(0) / counts.sum()
         bn.running_mean, bn.running_var = mean.float(), var.float()
         bn.weight.copy_((var + bn.eps).sqrt())
         bn.bias.copy_(mean)

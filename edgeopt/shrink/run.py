@@ -83,9 +83,9 @@ def _export_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {cause}" + (f" at node '{node.group(1)}'" if node else "")
 
 
-# the last base converted in this process: (its content hash, the data's) -> (conversion, graph bytes,
-# MACs of the conversion, the conversion with its BatchNorms back and calibrated)
-_converted: Dict[Tuple[str, str], Tuple[Converted, bytes, int, torch.nn.Module]] = {}
+# the last base converted in this process: (its content hash, the data's) -> (the conversion, its model with
+# the BatchNorms back and calibrated; its graph's bytes; its MACs with the BatchNorms folded)
+_converted: Dict[Tuple[str, str], Tuple[Converted, bytes, int]] = {}
 
 
 def converted_base(base: Checkpoint, dataset: Dataset) -> Tuple[Converted, int]:
@@ -102,11 +102,11 @@ def converted_base(base: Checkpoint, dataset: Dataset) -> Tuple[Converted, int]:
         macs = count_macs_params(conv.model, m["input_shape"])[0]
         calibrate_batchnorm(conv.model, add_batchnorm(conv.model), calibration_batches(dataset, BN_CALIBRATION_BATCHES))
         _converted.clear()
-        _converted[key] = (conv, conv.graph.read_bytes(), macs, conv.model)
-    conv, graph_bytes, macs, model = _converted[key]
+        _converted[key] = (conv, conv.graph.read_bytes(), macs)
+    conv, graph_bytes, macs = _converted[key]
     graph = new_workdir("converted") / "graph.onnx"
     graph.write_bytes(graph_bytes)
-    return dataclasses.replace(conv, model=copy.deepcopy(model), graph=graph), macs
+    return dataclasses.replace(conv, model=copy.deepcopy(conv.model), graph=graph), macs
 
 
 def feature_kd(model: torch.nn.Module, load_base: Callable[[], torch.nn.Module], input_shape,
